@@ -1,0 +1,1 @@
+//! Reconnecting client (coming).

@@ -1,0 +1,153 @@
+//! Runs one node: the Router, the HTTP server with its sessions and, in a
+//! cluster, the links to the peers; and stops it gracefully.
+//!
+//! Shutdown (SIGINT or SIGTERM): every session is closed with 4009 so its
+//! client resumes elsewhere, then the HTTP server stops accepting and lets
+//! publishes in flight finish (up to [`SHUTDOWN_GRACE`]).
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use actix_web::{web, App, HttpServer};
+use log::{info, warn};
+
+use crate::auth::TokenVerifier;
+use crate::change::now_ms;
+use crate::config::Config;
+use crate::http::{self, AppState, SocketInfo};
+use crate::metrics::Metrics;
+use crate::router::{CloseAll, Router};
+use crate::session::{Connection, SessionShared};
+
+/// How long in-flight requests get to finish at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long sessions get to send their 4009 close before the server stops.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs the node `node_id` of `config` until SIGINT or SIGTERM.
+pub fn run(config: Config, node_id: &str) -> std::io::Result<()> {
+    let node = config.node(node_id).map_err(std::io::Error::other)?.clone();
+    let config = Arc::new(config);
+    // A node keeps no history across restarts, so every start is a new
+    // epoch; the clock makes epochs grow across restarts.
+    let epoch = now_ms();
+
+    actix_web::rt::System::new().block_on(async move {
+        let metrics = Arc::new(Metrics::new(&node.id));
+        let mut router = Router::new(&config, &node.id, epoch, metrics.clone());
+        let cluster = if config.nodes.len() > 1 {
+            let (link, outbound) =
+                crate::cluster::Cluster::prepare(&config, &node.id, metrics.clone())?;
+            router = router.with_outbound(outbound);
+            Some(link)
+        } else {
+            None
+        };
+        let router = router.start();
+        let peers: Arc<dyn Fn() -> Vec<serde_json::Value> + Send + Sync> = match &cluster {
+            Some(link) => link.reporter(),
+            None => Arc::new(Vec::new),
+        };
+        if let Some(link) = cluster {
+            link.start(router.clone()).await?;
+        }
+
+        let sessions = Arc::new(SessionShared {
+            router: router.clone(),
+            verifier: TokenVerifier::new(&config.cluster.jwt_secret),
+            limits: config.limits.clone(),
+            metrics: metrics.clone(),
+            connections: AtomicUsize::new(0),
+        });
+        let state = web::Data::new(AppState {
+            node: node.id.clone(),
+            config: config.clone(),
+            router: router.clone(),
+            metrics: metrics.clone(),
+            sessions: sessions.clone(),
+            peers,
+        });
+
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .configure(http::configure)
+        })
+        .workers(config.cluster.http_workers)
+        .backlog(4096)
+        .max_connections(config.limits.max_connections + 1024)
+        .disable_signals()
+        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+        .on_connect(|conn, data| {
+            use std::os::fd::AsRawFd;
+            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                let _ = tcp.set_nodelay(true);
+                let fd = tcp.as_raw_fd();
+                if let Some(cookie) = Connection::cookie_of(fd) {
+                    data.insert(SocketInfo { fd, cookie });
+                }
+            }
+        })
+        .bind(&node.http)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", node.http)))?
+        .run();
+
+        let l = &config.limits;
+        info!(
+            "node started node={} epoch={epoch} http={} ws={} workers={} nodes={} \
+             history_max_changes={} history_max_age_secs={} max_connections={} \
+             max_interests={} max_frame_bytes={} max_publish_bytes={} outbound_budget_bytes={}",
+            node.id,
+            node.http,
+            node.ws_url(),
+            config.cluster.http_workers,
+            config.nodes.len(),
+            config.history.max_changes,
+            config.history.max_age_secs,
+            l.max_connections,
+            l.max_interests,
+            l.max_frame_bytes,
+            l.max_publish_bytes,
+            l.outbound_budget_bytes,
+        );
+        if config.uses_dev_secrets() {
+            warn!(
+                "this node uses the built-in development secrets: anyone can mint tokens and \
+                 publish; give the cluster its own secrets before it serves real users"
+            );
+        }
+
+        let handle = server.handle();
+        let shutdown = async move {
+            let signal = wait_for_signal().await;
+            info!("shutting down node={} signal={signal}", node.id);
+            let closed = router.send(CloseAll).await.unwrap_or(0);
+            info!("sessions told to go elsewhere code=4009 sessions={closed}");
+            let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+            while sessions
+                .connections
+                .load(std::sync::atomic::Ordering::Acquire)
+                > 0
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            handle.stop(true).await;
+        };
+        let (result, _) = tokio::join!(server, shutdown);
+        info!("node stopped");
+        result
+    })
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,529 @@
+//! One client connection: a WebSocket actor that checks the client's token,
+//! turns its messages into Router requests and writes the frames the Router
+//! hands it.
+//!
+//! Guarantees:
+//! - `hello` must come first, within `limits.hello_timeout_ms`, or the
+//!   session closes with 4001; at the token's `exp` it closes with 4001.
+//! - A catch-up is written before any live change, in chunks of at most
+//!   [`CATCH_UP_CHUNK`] bytes per turn, so a long catch-up costs memory
+//!   only as fast as the client reads it. Live changes that arrive meanwhile
+//!   wait behind it, counted against the outbound budget.
+//! - A client silent for `limits.idle_timeout_ms` (no frame, no pong) is
+//!   dropped and unregistered.
+//! - Malformed input closes with 4002 and a reason; an oversized frame with
+//!   1009. Neither affects other sessions.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web_actors::ws;
+use log::{debug, warn};
+
+use crate::auth::{AuthError, Grant, TokenVerifier};
+use crate::change::{now_ms, Positioned};
+use crate::codec::{ClientMessage, Format, Frame, ServerMessage};
+use crate::config::Limits;
+use crate::interest::Interest;
+use crate::metrics::Metrics;
+use crate::router::{self, Router};
+
+/// Bytes of catch-up written per turn of the session.
+pub const CATCH_UP_CHUNK: usize = 64 * 1024;
+/// Pause between catch-up chunks, so the connection gets to send them.
+const CATCH_UP_PAUSE: Duration = Duration::from_millis(1);
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Close codes of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    Unauthorized,
+    Protocol,
+    TooSlow,
+    GoingAway,
+    TooBig,
+}
+
+impl CloseCode {
+    pub fn code(self) -> u16 {
+        match self {
+            CloseCode::Unauthorized => 4001,
+            CloseCode::Protocol => 4002,
+            CloseCode::TooSlow => 4008,
+            CloseCode::GoingAway => 4009,
+            CloseCode::TooBig => 1009,
+        }
+    }
+
+    fn default_reason(self) -> &'static str {
+        match self {
+            CloseCode::Unauthorized => "unauthorized",
+            CloseCode::Protocol => "protocol error",
+            CloseCode::TooSlow => "too slow: reconnect and resume",
+            CloseCode::GoingAway => "node going away: reconnect and resume",
+            CloseCode::TooBig => "message too big",
+        }
+    }
+}
+
+/// What every session of a node shares.
+pub struct SessionShared {
+    pub router: Addr<Router>,
+    pub verifier: TokenVerifier,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    /// Open connections, against `limits.max_connections`.
+    pub connections: AtomicUsize,
+}
+
+/// Holds one place in the connection count for as long as it lives.
+pub struct ConnectionSlot(Arc<SessionShared>);
+
+impl ConnectionSlot {
+    /// Takes a place, or `None` when the node is full.
+    pub fn take(shared: &Arc<SessionShared>) -> Option<ConnectionSlot> {
+        let max = shared.limits.max_connections;
+        let taken = shared
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        taken.ok()?;
+        shared.metrics.connections.inc();
+        Some(ConnectionSlot(shared.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.connections.dec();
+    }
+}
+
+/// The TCP connection under a session, so that the Router can cut a
+/// connection whose client stopped reading (its actor then never runs, so it
+/// cannot close itself).
+///
+/// The socket is named by its descriptor and its kernel cookie, and the cut
+/// runs on the worker thread that owns it: the descriptor may have been
+/// closed and reused by then, and the cookie check on the owning thread
+/// makes sure only the same socket is ever shut down.
+#[derive(Clone)]
+pub struct Connection {
+    pub fd: i32,
+    pub cookie: u64,
+    pub arbiter: Option<actix::ArbiterHandle>,
+}
+
+impl Connection {
+    pub fn unknown() -> Connection {
+        Connection {
+            fd: -1,
+            cookie: 0,
+            arbiter: None,
+        }
+    }
+
+    /// Reads a socket's cookie: unique for the life of the kernel.
+    pub fn cookie_of(fd: i32) -> Option<u64> {
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: `cookie` and `len` are valid for writes of their sizes.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                &mut cookie as *mut u64 as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(cookie)
+    }
+
+    /// Shuts the socket down, if it is still the same socket.
+    pub fn cut(&self) {
+        let (fd, cookie) = (self.fd, self.cookie);
+        let Some(arbiter) = &self.arbiter else { return };
+        if fd < 0 {
+            return;
+        }
+        arbiter.spawn(async move {
+            if Connection::cookie_of(fd) == Some(cookie) {
+                // SAFETY: shutdown on a descriptor this thread's runtime owns
+                // and that is still the same socket; it does not close it.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+        });
+    }
+}
+
+/// Messages the Router (and the node) send to a session.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum ToSession {
+    /// The answer to `hello`, and the catch-up to write before anything live.
+    Welcome {
+        frame: Frame,
+        catch_up: Vec<Arc<Positioned>>,
+    },
+    /// A live change, already counted against the outbound budget.
+    Change(Arc<Positioned>),
+    /// A control frame (`subscribed`, `error`, ...).
+    Frame(Frame),
+    Close(CloseCode),
+}
+
+enum Stage {
+    /// Upgraded; `hello` not yet received.
+    AwaitingHello,
+    /// `hello` sent on to the Router; its welcome not yet back.
+    Welcoming,
+    Live,
+}
+
+pub struct Session {
+    id: u64,
+    shared: Arc<SessionShared>,
+    format: Format,
+    stage: Stage,
+    grant: Option<Grant>,
+    outstanding: Arc<AtomicUsize>,
+    /// Catch-up, then live changes that arrived while catch-up was written.
+    /// The flag says whether the change is counted in `outstanding`.
+    pending: VecDeque<(Arc<Positioned>, bool)>,
+    pumping: bool,
+    last_seen: Instant,
+    connection: Connection,
+    _slot: ConnectionSlot,
+}
+
+impl Session {
+    pub fn new(
+        shared: Arc<SessionShared>,
+        format: Format,
+        connection: Connection,
+        slot: ConnectionSlot,
+    ) -> Session {
+        Session {
+            id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+            shared,
+            format,
+            stage: Stage::AwaitingHello,
+            grant: None,
+            outstanding: Arc::new(AtomicUsize::new(0)),
+            pending: VecDeque::new(),
+            pumping: false,
+            last_seen: Instant::now(),
+            connection,
+            _slot: slot,
+        }
+    }
+
+    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
+        let reason = if reason.is_empty() {
+            code.default_reason()
+        } else {
+            reason
+        };
+        // A close reason must fit in a control frame (123 bytes).
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::Other(code.code()),
+            description: Some(reason[..end].to_string()),
+        }));
+        self.pending.clear();
+        ctx.stop();
+    }
+
+    fn write(&self, ctx: &mut ws::WebsocketContext<Self>, frame: Frame) {
+        match frame {
+            Frame::Text(text) => ctx.text(text),
+            Frame::Binary(bytes) => ctx.binary(bytes),
+        }
+    }
+
+    fn send(&self, ctx: &mut ws::WebsocketContext<Self>, message: &ServerMessage) {
+        self.write(ctx, Frame::encode(message, self.format));
+    }
+
+    fn write_change(
+        &self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        change: &Positioned,
+        counted: bool,
+    ) -> usize {
+        let frame = Frame::change(change, self.format);
+        let len = frame.len();
+        if counted {
+            self.outstanding.fetch_sub(len, Ordering::Relaxed);
+        }
+        self.write(ctx, frame);
+        len
+    }
+
+    /// Writes pending changes, a chunk per turn.
+    fn pump(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let mut written = 0;
+        while written < CATCH_UP_CHUNK {
+            let Some((change, counted)) = self.pending.pop_front() else {
+                break;
+            };
+            written += self.write_change(ctx, &change, counted);
+        }
+        self.pumping = !self.pending.is_empty();
+        if self.pumping {
+            ctx.run_later(CATCH_UP_PAUSE, |session, ctx| session.pump(ctx));
+        }
+    }
+
+    fn on_message(&mut self, ctx: &mut ws::WebsocketContext<Self>, message: ClientMessage) {
+        match (message, &self.stage) {
+            (ClientMessage::Hello { token, resume }, Stage::AwaitingHello) => {
+                self.on_hello(ctx, &token, resume)
+            }
+            (ClientMessage::Hello { .. }, _) => {
+                self.close(ctx, CloseCode::Protocol, "hello was already received")
+            }
+            (_, Stage::AwaitingHello) => {
+                self.close(ctx, CloseCode::Protocol, "the first message must be hello")
+            }
+            (ClientMessage::Subscribe { id, interests }, _) => {
+                if let Some(interests) = self.authorize(ctx, id, interests) {
+                    let msg = router::Subscribe {
+                        session: self.id,
+                        id,
+                        interests,
+                    };
+                    self.shared.router.do_send(msg);
+                }
+            }
+            (ClientMessage::Unsubscribe { id, interests }, _) => {
+                self.shared.router.do_send(router::Unsubscribe {
+                    session: self.id,
+                    id,
+                    interests,
+                });
+            }
+        }
+    }
+
+    fn on_hello(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        token: &str,
+        resume: Option<crate::codec::Resume>,
+    ) {
+        let grant = match self.shared.verifier.verify(token) {
+            Ok(grant) => grant,
+            Err(error) => {
+                let reason = match error {
+                    AuthError::Expired => "refused token",
+                    AuthError::BadSignature => "refused token",
+                    AuthError::Malformed(_) => "refused token",
+                };
+                self.shared
+                    .metrics
+                    .refused
+                    .with_label_values(&["token"])
+                    .inc();
+                warn!(
+                    "session refused, bad token session={} reason={error}",
+                    self.id
+                );
+                return self.close(ctx, CloseCode::Unauthorized, &format!("{reason}: {error}"));
+            }
+        };
+        let expires_in = Duration::from_secs(grant.exp.saturating_sub(now_ms() / 1000));
+        ctx.run_later(expires_in, |session, ctx| {
+            debug!("session token expired session={}", session.id);
+            session.close(
+                ctx,
+                CloseCode::Unauthorized,
+                "token expired: resume with a fresh one",
+            );
+        });
+        self.grant = Some(grant);
+        self.stage = Stage::Welcoming;
+
+        let resume = match resume {
+            Some(resume) => {
+                let interests = self
+                    .authorize(ctx, None, resume.interests)
+                    .unwrap_or_default();
+                Some((resume.cursor, interests))
+            }
+            None => None,
+        };
+        self.shared.router.do_send(router::Hello {
+            session: self.id,
+            addr: ctx.address(),
+            format: self.format,
+            outstanding: self.outstanding.clone(),
+            connection: self.connection.clone(),
+            resume,
+        });
+    }
+
+    /// Checks interests against the rules and the token. On a refusal the
+    /// client gets an `error` naming the interest and nothing of the request
+    /// is subscribed; interests subscribed earlier stand.
+    fn authorize(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        id: Option<u64>,
+        interests: Vec<Interest>,
+    ) -> Option<Vec<Interest>> {
+        let grant = self.grant.as_ref()?;
+        let mut refusal = None;
+        for interest in &interests {
+            if let Err(error) = interest.validate() {
+                refusal = Some(("invalid", error.to_string()));
+                break;
+            }
+            if !grant.allows(&interest.workspace) {
+                let message = format!(
+                    "interest {interest}: the token does not grant workspace {:?}",
+                    interest.workspace
+                );
+                refusal = Some(("forbidden", message));
+                break;
+            }
+        }
+        match refusal {
+            None => Some(interests),
+            Some((code, message)) => {
+                self.shared.metrics.refused.with_label_values(&[code]).inc();
+                debug!("interest refused session={} code={code}", self.id);
+                self.send(
+                    ctx,
+                    &ServerMessage::Error {
+                        id,
+                        code,
+                        message: &message,
+                    },
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Actor for Session {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let limits = &self.shared.limits;
+        ctx.run_later(limits.hello_timeout(), |session, ctx| {
+            if matches!(session.stage, Stage::AwaitingHello) {
+                debug!("session closed, no hello in time session={}", session.id);
+                session.close(ctx, CloseCode::Unauthorized, "no hello in time");
+            }
+        });
+        let idle = limits.idle_timeout();
+        ctx.run_interval(limits.ping_interval(), move |session, ctx| {
+            if session.last_seen.elapsed() > idle {
+                debug!("session closed, client silent session={}", session.id);
+                ctx.stop();
+            } else {
+                ctx.ping(b"");
+            }
+        });
+        debug!("session open session={} format={:?}", self.id, self.format);
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.shared
+            .router
+            .do_send(router::Leave { session: self.id });
+        debug!("session closed session={}", self.id);
+    }
+}
+
+impl Handler<ToSession> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: ToSession, ctx: &mut Self::Context) {
+        match msg {
+            ToSession::Welcome { frame, catch_up } => {
+                self.stage = Stage::Live;
+                self.write(ctx, frame);
+                self.pending
+                    .extend(catch_up.into_iter().map(|c| (c, false)));
+                if !self.pumping {
+                    self.pump(ctx);
+                }
+            }
+            ToSession::Change(change) => {
+                if self.pending.is_empty() {
+                    self.write_change(ctx, &change, true);
+                } else {
+                    self.pending.push_back((change, true));
+                }
+            }
+            ToSession::Frame(frame) => self.write(ctx, frame),
+            ToSession::Close(code) => self.close(ctx, code, ""),
+        }
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
+    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        self.last_seen = Instant::now();
+        let parsed = match item {
+            Ok(ws::Message::Text(text)) => ClientMessage::from_json(text.as_bytes()),
+            Ok(ws::Message::Binary(bytes)) => ClientMessage::from_msgpack(&bytes),
+            Ok(ws::Message::Ping(payload)) => return ctx.pong(&payload),
+            Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => return,
+            Ok(ws::Message::Close(_)) => {
+                ctx.close(None);
+                return ctx.stop();
+            }
+            Ok(ws::Message::Continuation(_)) => {
+                Err("fragmented messages are not supported; send each message whole".into())
+            }
+            Err(ws::ProtocolError::Overflow) => {
+                self.shared
+                    .metrics
+                    .refused
+                    .with_label_values(&["frame_too_big"])
+                    .inc();
+                let max = self.shared.limits.max_frame_bytes;
+                warn!(
+                    "session sent an oversized frame session={} max_bytes={max}",
+                    self.id
+                );
+                let reason = format!("frames may be at most {max} bytes");
+                return self.close(ctx, CloseCode::TooBig, &reason);
+            }
+            Err(error) => Err(format!("bad WebSocket frame: {error}")),
+        };
+        match parsed {
+            Ok(message) => self.on_message(ctx, message),
+            Err(reason) => {
+                self.shared
+                    .metrics
+                    .refused
+                    .with_label_values(&["protocol"])
+                    .inc();
+                warn!(
+                    "session sent a bad message session={} reason={reason:?}",
+                    self.id
+                );
+                self.close(ctx, CloseCode::Protocol, &reason);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}

@@ -22,7 +22,7 @@ use rmpv::Value;
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::change::{Change, Position, Positioned};
+use crate::change::{validate, Change, Position, Positioned};
 use crate::interest::Interest;
 
 /// How a session talks: negotiated by the WebSocket subprotocol.
@@ -262,6 +262,59 @@ pub fn json_to_value(json: serde_json::Value) -> Value {
             )
         }
     }
+}
+
+/// Decodes a publish body into changes, refusing the whole batch on the
+/// first broken rule.
+pub fn decode_publish(
+    body: &[u8],
+    format: Format,
+    max_batch: usize,
+) -> Result<Vec<Change>, String> {
+    let value = match format {
+        Format::MsgPack => {
+            let mut reader = body;
+            let value = rmpv::decode::read_value(&mut reader)
+                .map_err(|e| format!("the body is not valid MessagePack: {e}"))?;
+            if !reader.is_empty() {
+                return Err(
+                    "the body holds bytes after its MessagePack value; send one change \
+                            or one array of changes"
+                        .into(),
+                );
+            }
+            value
+        }
+        Format::Json => {
+            let json: serde_json::Value = serde_json::from_slice(body)
+                .map_err(|e| format!("the body is not valid JSON: {e}"))?;
+            json_to_value(json)
+        }
+    };
+    let items = match value {
+        rmpv::Value::Array(items) => items,
+        single => vec![single],
+    };
+    if items.len() > max_batch {
+        return Err(format!(
+            "a batch may hold at most {max_batch} changes; it holds {}",
+            items.len()
+        ));
+    }
+    let many = items.len() > 1;
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            validate(item).map_err(|e| {
+                if many {
+                    format!("change {i}: {e}")
+                } else {
+                    e.to_string()
+                }
+            })
+        })
+        .collect()
 }
 
 /// What a cursor looks like on the wire: origin -> `[epoch, seq]`.

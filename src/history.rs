@@ -159,6 +159,19 @@ impl History {
         }
     }
 
+    /// Records that the changes of `origin`'s `epoch` up to `base` cannot be
+    /// had (no node holds them any more): the log continues after `base`,
+    /// and no resume from a cursor before it is proven complete.
+    pub fn skip_to(&mut self, origin: &Arc<str>, epoch: u64, base: u64) {
+        let epochs = self.origins.entry(origin.clone()).or_default();
+        let log = epochs.entry(epoch).or_default();
+        if base > log.last {
+            log.changes.clear();
+            log.base = base;
+            log.last = base;
+        }
+    }
+
     /// Appends a change that is next in its origin's epoch.
     pub fn append(&mut self, change: Arc<Positioned>, now_ms: u64) -> Result<(), AppendError> {
         let pos = &change.pos;
@@ -465,6 +478,19 @@ mod tests {
         );
         assert_eq!(h.range("n1", 1, 1, 1).unwrap().len(), 1);
         assert!(h.range("n1", 1, 1, 2).is_none());
+    }
+
+    #[test]
+    fn a_skip_leaves_no_claim_before_it() {
+        let mut h = History::new(100, 60_000);
+        h.append(change("n2", 1, 1, "a", 0), 0).unwrap();
+        let origin: Arc<str> = "n2".into();
+        h.skip_to(&origin, 1, 5);
+        h.append(change("n2", 1, 6, "a", 0), 0).unwrap();
+        let interests = [Interest::workspace("a")];
+        assert!(!h.catch_up(&cursor(&[("n2", 1, 1)]), &interests).recovered);
+        let plan = h.catch_up(&cursor(&[("n2", 1, 5)]), &interests);
+        assert_eq!(seqs(&plan), vec![("n2".into(), 6)]);
     }
 
     #[test]

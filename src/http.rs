@@ -15,8 +15,8 @@ use log::{debug, warn};
 use serde::Serialize;
 
 use crate::auth::{self, publish_key_ok};
-use crate::change::{validate, Change};
-use crate::codec::{json_to_value, Format};
+use crate::cluster::ClusterHandle;
+use crate::codec::{decode_publish, Format};
 use crate::config::{Config, DEV_PUBLISH_KEY};
 use crate::metrics::Metrics;
 use crate::router::{GetState, Publish, Router};
@@ -37,8 +37,8 @@ pub struct AppState {
     pub router: Addr<Router>,
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<SessionShared>,
-    /// Reports the cluster links for `/healthz`; empty on a single node.
-    pub peers: Arc<dyn Fn() -> Vec<serde_json::Value> + Send + Sync>,
+    /// The cluster links; `None` on a single node.
+    pub cluster: Option<ClusterHandle>,
 }
 
 /// The socket under a request, recorded by the server's `on_connect`.
@@ -114,55 +114,6 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
     value.strip_prefix("Bearer ").map(str::trim)
 }
 
-/// Decodes a publish body into changes, refusing the whole batch on the
-/// first broken rule.
-fn decode_changes(body: &[u8], format: Format, max_batch: usize) -> Result<Vec<Change>, String> {
-    let value = match format {
-        Format::MsgPack => {
-            let mut reader = body;
-            let value = rmpv::decode::read_value(&mut reader)
-                .map_err(|e| format!("the body is not valid MessagePack: {e}"))?;
-            if !reader.is_empty() {
-                return Err(
-                    "the body holds bytes after its MessagePack value; send one change \
-                            or one array of changes"
-                        .into(),
-                );
-            }
-            value
-        }
-        Format::Json => {
-            let json: serde_json::Value = serde_json::from_slice(body)
-                .map_err(|e| format!("the body is not valid JSON: {e}"))?;
-            json_to_value(json)
-        }
-    };
-    let items = match value {
-        rmpv::Value::Array(items) => items,
-        single => vec![single],
-    };
-    if items.len() > max_batch {
-        return Err(format!(
-            "a batch may hold at most {max_batch} changes; it holds {}",
-            items.len()
-        ));
-    }
-    let many = items.len() > 1;
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| {
-            validate(item).map_err(|e| {
-                if many {
-                    format!("change {i}: {e}")
-                } else {
-                    e.to_string()
-                }
-            })
-        })
-        .collect()
-}
-
 #[derive(Serialize)]
 struct Positions {
     positions: Vec<(String, u64, u64)>,
@@ -219,7 +170,7 @@ async fn publish(
         body.extend_from_slice(&chunk);
     }
 
-    let changes = match decode_changes(&body, format, state.config.limits.max_batch) {
+    let changes = match decode_publish(&body, format, state.config.limits.max_batch) {
         Ok(changes) => changes,
         Err(message) => {
             return refuse(&state, StatusCode::BAD_REQUEST, format, "invalid", &message)
@@ -228,6 +179,10 @@ async fn publish(
     let count = changes.len();
     match state.router.send(Publish { changes }).await {
         Ok(positions) => {
+            // A 200 promises the change was handed to the peers' bus.
+            if let (Some(cluster), Some(last)) = (&state.cluster, positions.last()) {
+                cluster.published(last.seq).await;
+            }
             debug!("published changes={count}");
             let positions = positions
                 .into_iter()
@@ -305,7 +260,7 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
         "sessions": node.sessions,
         "history": node.history,
         "position": node.position,
-        "peers": (state.peers)(),
+        "peers": state.cluster.as_ref().map(|c| c.report()).unwrap_or_default(),
     }))
 }
 

@@ -38,6 +38,9 @@ use crate::session::{CloseCode, Connection, Session, ToSession};
 
 /// How often history is trimmed by age and the gauges refreshed.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// Requests (publishes, state queries) queued at the Router before their
+/// senders wait: backpressure on publishers when the Router is saturated.
+const ROUTER_MAILBOX: usize = 4096;
 /// How long a session closed for being slow has to go by itself before its
 /// connection is cut.
 const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(3);
@@ -118,9 +121,17 @@ impl Router {
     /// Applies a positioned change to history and hands it to every
     /// interested session.
     fn apply(&mut self, change: Arc<Positioned>) -> Result<(), AppendError> {
+        // A change of an epoch its origin has left behind (a repair that came
+        // late) is history only: live clients have moved on to the new epoch.
+        let superseded = self
+            .history
+            .latest(&change.pos.origin)
+            .is_some_and(|(epoch, _)| epoch > change.pos.epoch);
         self.history.append(change.clone(), now_ms())?;
         self.metrics.changes_applied.inc();
-        self.fan_out(&change);
+        if !superseded {
+            self.fan_out(&change);
+        }
         Ok(())
     }
 
@@ -252,7 +263,7 @@ impl Actor for Router {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(usize::MAX);
+        ctx.set_mailbox_capacity(ROUTER_MAILBOX);
         self.this = Some(ctx.address());
         ctx.run_interval(HOUSEKEEPING_INTERVAL, |router, _| {
             let now = now_ms();
@@ -315,6 +326,87 @@ impl Handler<Apply> for Router {
 
     fn handle(&mut self, msg: Apply, _: &mut Context<Self>) -> Self::Result {
         self.apply(msg.change)
+    }
+}
+
+/// An epoch of another origin that holds nothing yet (see
+/// [`History::open_epoch`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct OpenEpoch {
+    pub origin: Arc<str>,
+    pub epoch: u64,
+    pub base: u64,
+}
+
+impl Handler<OpenEpoch> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: OpenEpoch, _: &mut Context<Self>) {
+        self.history.open_epoch(&msg.origin, msg.epoch, msg.base);
+    }
+}
+
+/// Changes of another origin that no node holds any more (see
+/// [`History::skip_to`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SkipTo {
+    pub origin: Arc<str>,
+    pub epoch: u64,
+    pub base: u64,
+}
+
+impl Handler<SkipTo> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: SkipTo, _: &mut Context<Self>) {
+        self.history.skip_to(&msg.origin, msg.epoch, msg.base);
+    }
+}
+
+/// Changes of one origin's epoch from history, for a peer's repair.
+#[derive(Message)]
+#[rtype(result = "Option<Found>")]
+pub struct Range {
+    pub origin: Arc<str>,
+    pub epoch: u64,
+    pub from: u64,
+    pub to: u64,
+    /// Most changes to return.
+    pub max: usize,
+}
+
+/// What history holds of a [`Range`]: every change after `base` up to
+/// `last`, and of those the ones asked for.
+pub struct Found {
+    pub base: u64,
+    pub last: u64,
+    pub changes: Vec<Arc<Positioned>>,
+}
+
+impl Handler<Range> for Router {
+    type Result = Option<Found>;
+
+    fn handle(&mut self, msg: Range, _: &mut Context<Self>) -> Option<Found> {
+        let (base, last) = self.history.bounds(&msg.origin, msg.epoch)?;
+        let from = msg.from.max(base + 1);
+        let to = msg
+            .to
+            .min(last)
+            .min(from.saturating_add(msg.max as u64).saturating_sub(1));
+        let changes = if from <= to {
+            self.history
+                .range(&msg.origin, msg.epoch, from, to)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        Some(Found {
+            base,
+            last,
+            changes,
+        })
     }
 }
 

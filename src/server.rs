@@ -15,10 +15,11 @@ use log::{info, warn};
 
 use crate::auth::TokenVerifier;
 use crate::change::now_ms;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::http::{self, AppState, SocketInfo};
 use crate::metrics::Metrics;
-use crate::router::{CloseAll, Router};
+use crate::router::{CloseAll, GetState, Router};
 use crate::session::{Connection, SessionShared};
 
 /// How long in-flight requests get to finish at shutdown.
@@ -38,20 +39,26 @@ pub fn run(config: Config, node_id: &str) -> std::io::Result<()> {
         let metrics = Arc::new(Metrics::new(&node.id));
         let mut router = Router::new(&config, &node.id, epoch, metrics.clone());
         let cluster = if config.nodes.len() > 1 {
-            let (link, outbound) =
-                crate::cluster::Cluster::prepare(&config, &node.id, metrics.clone())?;
+            let (cluster, outbound) =
+                Cluster::prepare(config.clone(), &node.id, epoch, metrics.clone());
             router = router.with_outbound(outbound);
-            Some(link)
+            Some(cluster)
         } else {
             None
         };
         let router = router.start();
-        let peers: Arc<dyn Fn() -> Vec<serde_json::Value> + Send + Sync> = match &cluster {
-            Some(link) => link.reporter(),
-            None => Arc::new(Vec::new),
+        let cluster = match cluster {
+            Some(cluster) => Some(cluster.start(router.clone()).await?),
+            None => None,
         };
-        if let Some(link) = cluster {
-            link.start(router.clone()).await?;
+        if let Some(ingest) = &node.ingest {
+            crate::cluster::ingest::serve(
+                ingest.clone(),
+                config.clone(),
+                router.clone(),
+                metrics.clone(),
+            )
+            .await?;
         }
 
         let sessions = Arc::new(SessionShared {
@@ -67,7 +74,7 @@ pub fn run(config: Config, node_id: &str) -> std::io::Result<()> {
             router: router.clone(),
             metrics: metrics.clone(),
             sessions: sessions.clone(),
-            peers,
+            cluster: cluster.clone(),
         });
 
         let server = HttpServer::new(move || {
@@ -133,6 +140,20 @@ pub fn run(config: Config, node_id: &str) -> std::io::Result<()> {
                 && tokio::time::Instant::now() < deadline
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if let Some(cluster) = &cluster {
+                if let Ok(state) = router.send(GetState).await {
+                    let drained = cluster.drain(state.epoch, state.seq, CLOSE_GRACE).await;
+                    if drained {
+                        info!("peers hold every change accepted here seq={}", state.seq);
+                    } else {
+                        warn!(
+                            "stopping before every peer confirmed the changes accepted here; \
+                             peers will repair from each other seq={}",
+                            state.seq
+                        );
+                    }
+                }
             }
             handle.stop(true).await;
         };

@@ -29,6 +29,11 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Runs a whole cluster on this machine, for trying it.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Prints a client token signed with a secret.
     Token {
         /// The cluster's jwt_secret; defaults to the development secret.
@@ -40,6 +45,15 @@ enum Command {
         /// Seconds until the token expires.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Starts every node of the config as a child process; Ctrl-C stops all.
+    Up {
+        /// The cluster config (TOML), e.g. cluster/three-nodes.toml.
+        config: PathBuf,
     },
 }
 
@@ -69,6 +83,11 @@ pub fn run() -> Result<(), Box<dyn std::error::Error>> {
                 config.nodes[index].http = listen;
             }
             ripple::server::run(config, &node)?;
+        }
+        Command::Cluster {
+            command: ClusterCommand::Up { config },
+        } => {
+            ripple::cluster::up::run(&config)?;
         }
         Command::Token {
             secret,

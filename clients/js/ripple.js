@@ -1013,7 +1013,7 @@ export class RippleClient {
   /** Moves to the next node and waits out the backoff before trying it. */
   #retry() {
     if (this.#stopped) return;
-    this.#nodeIndex = (this.#nodeIndex + 0) % this.#nodes.length;
+    this.#nodeIndex = (this.#nodeIndex + 1) % this.#nodes.length;
     const delayMs = backoffDelay(this.#attempt, this.#backoff);
     this.#attempt += 1;
     this.#schedule(delayMs);

@@ -29,6 +29,7 @@ pub mod frame;
 pub mod ingest;
 pub mod intake;
 pub mod repair;
+pub mod up;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,6 @@
 // Tests of the client's pure logic (codec, cursor, backoff) and of its session
 // flow against a scripted in-memory WebSocket. Run: node --test clients/js/test/
-import { test } from 'node:test';
+import { test, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
@@ -279,6 +279,13 @@ async function socketNumber(n) {
   throw new Error(`socket ${n} never opened`);
 }
 
+// Clients left running by a failed assertion would reconnect forever and
+// keep the runner alive; every client is closed after its test.
+const running = [];
+afterEach(() => {
+  while (running.length > 0) running.pop().close();
+});
+
 function makeClient(options = {}) {
   FakeSocket.all = [];
   const client = new RippleClient({
@@ -289,6 +296,7 @@ function makeClient(options = {}) {
     WebSocket: FakeSocket,
     ...options,
   });
+  running.push(client);
   const events = [];
   for (const name of ['change', 'state', 'welcome', 'recovered', 'reset', 'error', 'close',
     'subscribed']) {

@@ -18,14 +18,15 @@
 //
 // What it does not do yet:
 //
-// - In "json" format, numbers above 2^53 lose precision (JSON.parse). The
-//   server must keep epochs and seqs below 2^53 for JSON clients; "msgpack"
-//   clients get such values as BigInt.
+// - In "json" format, numbers above 2^53 lose precision (JSON.parse). Epochs
+//   are node start times in milliseconds, far below that; "msgpack" clients
+//   would get any larger value as BigInt.
 // - An interest refused with `forbidden` stays in the client's set and is
 //   sent again in the next resume; the app should `unsubscribe()` it.
 // - Binary values inside a JSON `data` payload arrive as the server renders
-//   them, `{"$binary": "<base64>"}`, and are handed over untouched. In
-//   "msgpack" format they arrive as Uint8Array.
+//   them, `{"$binary": "<base64>"}` (and ext values as `{"$ext": {type,
+//   data}}`), and are handed over untouched. In "msgpack" format they arrive
+//   as Uint8Array and MsgpackExt.
 
 /** Subprotocol names, by format. */
 export const SUBPROTOCOLS = Object.freeze({

@@ -330,7 +330,8 @@ test('session: fresh start, no duplicates, resume on the next node', async () =>
   s0.push(change('n1', 17, 4));
   s0.push(change('n1', 17, 5));
   s0.push(change('n1', 17, 5));
-  s0.push({ op: 'changes', items: [change('n1', 17, 5), change('n1', 17, 6), change('n2', 3, 9)] });
+  const batch = [change('n1', 17, 5), change('n1', 17, 6), change('n2', 3, 9)];
+  s0.push({ op: 'changes', items: batch });
   assert.deepEqual(seen(), ['n1:17:5', 'n1:17:6', 'n2:3:9']);
   assert.deepEqual(client.cursor, { n1: [17, 6], n2: [3, 9] });
 

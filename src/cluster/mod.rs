@@ -438,16 +438,22 @@ impl Links {
                 };
                 let origin: Arc<str> = peer.into();
                 let mut actions = self.intake.on_heartbeat(&origin, beat.epoch, beat.seq);
-                // What the peer holds of third nodes: how a change of a
-                // node that died reaches the nodes that missed it.
-                for (other, &(epoch, seq)) in &beat.applied {
-                    if *other != self.node && other != peer {
-                        actions.extend(self.intake.on_heartbeat(
-                            &other.as_str().into(),
-                            epoch,
-                            seq,
-                        ));
-                    }
+                // What the peer holds of a third node whose link is down
+                // here: how the changes of a node that died reach the nodes
+                // that missed them. (While the link is up, the third node's
+                // own heartbeats say the same without the race of a peer
+                // that got a change a moment before us.)
+                let down: Vec<(String, u64, u64)> = {
+                    let table = self.peers.lock().expect("peer table");
+                    beat.applied
+                        .iter()
+                        .filter(|(other, _)| **other != self.node && *other != peer)
+                        .filter(|(other, _)| !table.get(*other).is_some_and(|s| s.up))
+                        .map(|(other, &(epoch, seq))| (other.clone(), epoch, seq))
+                        .collect()
+                };
+                for (other, epoch, seq) in down {
+                    actions.extend(self.intake.on_heartbeat(&other.as_str().into(), epoch, seq));
                 }
                 if let Some(status) = self.peers.lock().expect("peer table").get_mut(peer) {
                     status.applied = beat.applied;

@@ -107,6 +107,15 @@ impl Positioned {
             .get_or_init(|| crate::codec::encode_change_msgpack(self))
     }
 
+    /// The length of its frame in `format`, without touching the frame's
+    /// reference count (this runs once per delivery).
+    pub fn frame_len(&self, format: crate::codec::Format) -> usize {
+        match format {
+            crate::codec::Format::Json => self.json_frame().len(),
+            crate::codec::Format::MsgPack => self.msgpack_frame().len(),
+        }
+    }
+
     /// Rough bytes this change holds in memory, for the history gauge.
     pub fn weight(&self) -> usize {
         let c = &self.change;

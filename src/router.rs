@@ -154,7 +154,7 @@ impl Router {
             if !entry.ahead.is_empty() && skip_ahead(&mut entry.ahead, &change.pos) {
                 return;
             }
-            let len = Frame::change(change, entry.format).len();
+            let len = change.frame_len(entry.format);
             let outstanding = entry.outstanding.fetch_add(len, Ordering::Relaxed) + len;
             if outstanding > budget {
                 over_budget.push(key);

@@ -10,7 +10,10 @@ export type Position = [origin: string, epoch: Count, seq: Count];
 /** The last position seen from each origin: `{"n1": [17, 1042]}`. */
 export type Cursor = Record<string, [epoch: Count, seq: Count]>;
 
-/** What a session receives: a whole workspace, one list in it, or one record. */
+/**
+ * What a session receives: a whole workspace, one list in it, or one record
+ * (a list or a record, never both).
+ */
 export interface Interest {
   workspace: string;
   list?: string;

@@ -21,8 +21,14 @@
 // - In "json" format, numbers above 2^53 lose precision (JSON.parse). Epochs
 //   are node start times in milliseconds, far below that; "msgpack" clients
 //   would get any larger value as BigInt.
-// - An interest refused with `forbidden` stays in the client's set and is
-//   sent again in the next resume; the app should `unsubscribe()` it.
+// - The node refuses a request as a whole: when one interest is forbidden or
+//   invalid, nothing of that request is subscribed. The client mirrors this:
+//   a refused `subscribe` drops its interests from the client's set (the
+//   "error" event lists them), so they do not poison later resumes. A refused
+//   resume (an error without id before the welcome) leaves the node holding
+//   none of the interests; the client then treats the session as not
+//   recovered (cursor from `welcome.position`, "reset" event) and subscribes
+//   each interest in its own request, so only the refused ones are lost.
 // - Binary values inside a JSON `data` payload arrive as the server renders
 //   them, `{"$binary": "<base64>"}` (and ext values as `{"$ext": {type,
 //   data}}`), and are handed over untouched. In "msgpack" format they arrive
@@ -523,6 +529,10 @@ export function normalizeInterest(interest) {
     if (typeof value !== 'string') throw new TypeError(`interest.${name} must be a string`);
     out[name] = value;
   }
+  // The node refuses such an interest; saying so here points at the caller.
+  if (out.list !== undefined && out.record !== undefined) {
+    throw new TypeError('an interest names a list or a record, not both');
+  }
   return out;
 }
 
@@ -586,8 +596,10 @@ function errorMessage(err) {
  *                resume
  * - "reset":     `{position, missed}` when a resume was not recovered: the
  *                cursor restarted from `position`, reload your state
- * - "error":     a server error `{op: "error", id, code, message}`, or a
- *                client-side one with code "decode", "token" or "socket"
+ * - "error":     a server error `{op: "error", id, code, message}`, with
+ *                `interests` added when it refused a request of this client
+ *                (those interests are no longer held); or a client-side one
+ *                with code "decode", "token" or "socket"
  * - "close":     `{code, reason}` each time a socket closes
  * - "subscribed", "unsubscribed": the server's answers, `{op, id}`
  */
@@ -604,6 +616,10 @@ export class RippleClient {
   #interests = new Map();
   /** Interests the current session has been given, by interestKey. */
   #sessionInterests = new Map();
+  /** Requests of the current session not yet answered, by id. */
+  #pending = new Map();
+  /** Set when the node refused the interests of the current resume. */
+  #resumeRefused = false;
   /** Map origin -> [epoch, seq]; null until a welcome or the `cursor` option. */
   #cursor = null;
 
@@ -714,6 +730,7 @@ export class RippleClient {
       }
       this.#emit('close', { code: CLOSE_CODES.NORMAL, reason: 'client closed' });
     }
+    this.#nodeId = null;
     this.#setState('closed');
   }
 
@@ -799,6 +816,7 @@ export class RippleClient {
       if (op === 'subscribe') this.#sessionInterests.set(key, interest);
       else this.#sessionInterests.delete(key);
     }
+    this.#pending.set(id, { op, interests });
     this.#send({ op, id, interests });
     return id;
   }
@@ -889,6 +907,8 @@ export class RippleClient {
     // Resume whenever there is a cursor to resume from: after any earlier
     // welcome, or from the `cursor` option on the very first connection.
     this.#resumed = this.#cursor !== null;
+    this.#resumeRefused = false;
+    this.#pending = new Map();
     this.#sessionInterests = new Map();
     if (this.#resumed) {
       const interests = [...this.#interests.values()];
@@ -938,10 +958,11 @@ export class RippleClient {
         break;
       case 'subscribed':
       case 'unsubscribed':
+        this.#pending.delete(msg.id);
         this.#emit(msg.op, msg);
         break;
       case 'error':
-        this.#emit('error', msg);
+        this.#onError(msg);
         break;
       default:
         // Unknown ops are ignored so newer servers can add messages.
@@ -959,8 +980,10 @@ export class RippleClient {
     // The cursor is taken from the node only on a fresh start or when the
     // node could not recover ours. After a good resume it must not move: the
     // catch-up that follows may be cut short, and the next resume has to
-    // start where the app really is.
-    const recovered = msg.recovered !== false;
+    // start where the app really is. A refused resume subscribed nothing and
+    // sent no catch-up, so changes were missed whatever `recovered` says.
+    const recovered = msg.recovered !== false && !this.#resumeRefused;
+    if (this.#resumeRefused) this.#sessionInterests = new Map();
     if (!this.#resumed || !recovered) this.#cursor = cursorFromObject(msg.position);
 
     this.#setState('open');
@@ -972,11 +995,36 @@ export class RippleClient {
     }
 
     // Interests added or removed while the hello was in flight are not in
-    // what the node holds; send the difference now.
+    // what the node holds; send the difference now. One request per interest,
+    // because the node refuses a request as a whole.
     const add = [...this.#interests].filter(([k]) => !this.#sessionInterests.has(k));
     const drop = [...this.#sessionInterests].filter(([k]) => !this.#interests.has(k));
-    if (add.length > 0) this.#request('subscribe', add.map(([, interest]) => interest));
+    for (const [, interest] of add) this.#request('subscribe', [interest]);
     if (drop.length > 0) this.#request('unsubscribe', drop.map(([, interest]) => interest));
+  }
+
+  #onError(msg) {
+    const hasId = msg.id !== undefined && msg.id !== null;
+    const request = hasId ? this.#pending.get(msg.id) : undefined;
+    if (request) {
+      this.#pending.delete(msg.id);
+      if (request.op === 'subscribe') {
+        // Nothing of a refused request is subscribed; keeping its interests
+        // would have every later resume refused too.
+        for (const interest of request.interests) {
+          const key = interestKey(interest);
+          // Unless the app has since subscribed the same interest anew.
+          if (this.#interests.get(key) === interest) this.#interests.delete(key);
+          if (this.#sessionInterests.get(key) === interest) this.#sessionInterests.delete(key);
+        }
+      }
+      this.#emit('error', { ...msg, interests: request.interests });
+      return;
+    }
+
+    // The node answers a resume it refuses with an error before the welcome.
+    if (this.#resumed && !this.#welcomed) this.#resumeRefused = true;
+    this.#emit('error', msg);
   }
 
   #onChange(change) {

@@ -197,6 +197,7 @@ test('positions, frames and interests', () => {
   assert.deepEqual(normalizeInterest({ workspace: 'w', list: '', extra: 1 }), { workspace: 'w' });
   assert.throws(() => normalizeInterest({ list: 'x' }), TypeError);
   assert.throws(() => normalizeInterest({ workspace: 'w', record: 5 }), TypeError);
+  assert.throws(() => normalizeInterest({ workspace: 'w', list: 'l', record: 'r' }), /not both/);
   assert.equal(interestKey({ workspace: 'w', list: 'l' }),
     interestKey(normalizeInterest({ list: 'l', workspace: 'w', record: undefined })));
 });
@@ -484,4 +485,51 @@ test('session: no welcome in time moves on to the next node', async () => {
   assert.equal(s0.closedWith.code, 4000);
   assert.equal(s1.url, 'ws://b/v1/ws');
   client.close();
+});
+
+test('session: a refused subscribe drops its interests so resumes stay valid', async () => {
+  const { client, events } = makeClient();
+  client.connect();
+  const s0 = await socketNumber(0);
+  s0.accept();
+  s0.push({ op: 'welcome', node: 'n1', position: { n1: [1, 1] } });
+  s0.push({ op: 'subscribed', id: 1 });
+
+  const id = client.subscribe([{ workspace: 'secret' }, { workspace: 'acme', list: 'x' }]);
+  s0.push({ op: 'error', id, code: 'forbidden', message: 'no' });
+  const error = events.find(([n]) => n === 'error')[1];
+  assert.deepEqual(error.interests, [{ workspace: 'secret' }, { workspace: 'acme', list: 'x' }]);
+  assert.deepEqual(client.interests, [{ workspace: 'acme' }]);
+
+  s0.drop(4008);
+  const s1 = await socketNumber(1);
+  s1.accept();
+  assert.deepEqual(s1.sent[0].resume.interests, [{ workspace: 'acme' }]);
+});
+
+test('session: a refused resume resets and subscribes each interest alone', async () => {
+  const { client, events } = makeClient({
+    cursor: { n1: [1, 5] },
+    interests: [{ workspace: 'acme' }, { workspace: 'secret' }],
+  });
+  client.connect();
+  const s0 = await socketNumber(0);
+  s0.accept();
+  assert.equal(s0.sent[0].resume.interests.length, 2);
+
+  // What the node does: an error without id, then a welcome for a session
+  // that holds no interests.
+  s0.push({ op: 'error', code: 'forbidden', message: 'interest secret: not granted' });
+  s0.push({ op: 'welcome', node: 'n1', position: { n1: [1, 9] }, recovered: true, missed: 0 });
+  assert.deepEqual(client.cursor, { n1: [1, 9] });
+  assert.deepEqual(events.find(([n]) => n === 'recovered')[1], { recovered: false, missed: 0 });
+  assert.ok(events.some(([n]) => n === 'reset'));
+  assert.deepEqual(s0.sent.slice(1), [
+    { op: 'subscribe', id: 1, interests: [{ workspace: 'acme' }] },
+    { op: 'subscribe', id: 2, interests: [{ workspace: 'secret' }] },
+  ]);
+
+  s0.push({ op: 'subscribed', id: 1 });
+  s0.push({ op: 'error', id: 2, code: 'forbidden', message: 'no' });
+  assert.deepEqual(client.interests, [{ workspace: 'acme' }]);
 });

@@ -504,6 +504,12 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
                 let reason = format!("frames may be at most {max} bytes");
                 return self.close(ctx, CloseCode::TooBig, &reason);
             }
+            Err(ws::ProtocolError::Io(error)) => {
+                // The connection broke (the client went away, or the node is
+                // stopping): nothing to answer.
+                debug!("session connection ended session={} error={error}", self.id);
+                return ctx.stop();
+            }
             Err(error) => Err(format!("bad WebSocket frame: {error}")),
         };
         match parsed {

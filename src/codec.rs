@@ -384,6 +384,9 @@ pub enum ServerMessage<'a> {
         id: Option<u64>,
         code: &'a str,
         message: &'a str,
+        /// The interests refused, when the error is about interests.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        interests: Option<&'a [Interest]>,
     },
 }
 

@@ -502,6 +502,7 @@ impl Handler<Hello> for Router {
                 id: None,
                 code: "too_many_interests",
                 message: &message,
+                interests: None,
             };
             self.send_frame(key, &error);
         }
@@ -531,6 +532,7 @@ impl Handler<Subscribe> for Router {
                     id: msg.id,
                     code: "too_many_interests",
                     message: &message,
+                    interests: None,
                 };
                 self.send_frame(key, &error)
             }

@@ -297,7 +297,9 @@ impl Session {
                 self.close(ctx, CloseCode::Protocol, "the first message must be hello")
             }
             (ClientMessage::Subscribe { id, interests }, _) => {
-                if let Some(interests) = self.authorize(ctx, id, interests) {
+                // A subscribe is all or nothing: a refusal refuses it whole.
+                let (interests, refused) = self.authorize(ctx, id, interests);
+                if !refused {
                     let msg = router::Subscribe {
                         session: self.id,
                         id,
@@ -356,9 +358,8 @@ impl Session {
 
         let resume = match resume {
             Some(resume) => {
-                let interests = self
-                    .authorize(ctx, None, resume.interests)
-                    .unwrap_or_default();
+                // A resume goes on with the interests that are allowed.
+                let (interests, _) = self.authorize(ctx, None, resume.interests);
                 Some((resume.cursor, interests))
             }
             None => None,
@@ -373,47 +374,59 @@ impl Session {
         });
     }
 
-    /// Checks interests against the rules and the token. On a refusal the
-    /// client gets an `error` naming the interest and nothing of the request
-    /// is subscribed; interests subscribed earlier stand.
+    /// Checks interests against the rules and the token, and answers the
+    /// refused ones with one `error` that lists them (the first refusal's
+    /// code and message). Returns the accepted interests and whether any was
+    /// refused.
     fn authorize(
         &mut self,
         ctx: &mut ws::WebsocketContext<Self>,
         id: Option<u64>,
         interests: Vec<Interest>,
-    ) -> Option<Vec<Interest>> {
-        let grant = self.grant.as_ref()?;
-        let mut refusal = None;
-        for interest in &interests {
-            if let Err(error) = interest.validate() {
-                refusal = Some(("invalid", error.to_string()));
-                break;
-            }
-            if !grant.allows(&interest.workspace) {
-                let message = format!(
-                    "interest {interest}: the token does not grant workspace {:?}",
-                    interest.workspace
-                );
-                refusal = Some(("forbidden", message));
-                break;
-            }
-        }
-        match refusal {
-            None => Some(interests),
-            Some((code, message)) => {
-                self.shared.metrics.refused.with_label_values(&[code]).inc();
-                debug!("interest refused session={} code={code}", self.id);
-                self.send(
-                    ctx,
-                    &ServerMessage::Error {
-                        id,
-                        code,
-                        message: &message,
-                    },
-                );
-                None
+    ) -> (Vec<Interest>, bool) {
+        let Some(grant) = self.grant.as_ref() else {
+            return (Vec::new(), !interests.is_empty());
+        };
+        let mut first: Option<(&'static str, String)> = None;
+        let mut refused = Vec::new();
+        let mut accepted = Vec::with_capacity(interests.len());
+        for interest in interests {
+            let refusal = match interest.validate() {
+                Err(error) => Some(("invalid", error.to_string())),
+                Ok(()) if !grant.allows(&interest.workspace) => Some((
+                    "forbidden",
+                    format!(
+                        "interest {interest}: the token does not grant workspace {:?}",
+                        interest.workspace
+                    ),
+                )),
+                Ok(()) => None,
+            };
+            match refusal {
+                Some(refusal) => {
+                    first.get_or_insert(refusal);
+                    refused.push(interest);
+                }
+                None => accepted.push(interest),
             }
         }
+        let Some((code, message)) = first else {
+            return (accepted, false);
+        };
+        self.shared.metrics.refused.with_label_values(&[code]).inc();
+        debug!(
+            "interests refused session={} code={code} refused={}",
+            self.id,
+            refused.len()
+        );
+        let error = ServerMessage::Error {
+            id,
+            code,
+            message: &message,
+            interests: Some(&refused),
+        };
+        self.send(ctx, &error);
+        (accepted, true)
     }
 }
 

@@ -48,15 +48,18 @@ export interface Welcome {
 }
 
 /**
- * A server error, or one raised by the client itself with code "decode"
- * (an unreadable frame), "token" (getToken failed) or "socket" (the WebSocket
- * could not be created). The server's codes include "forbidden".
+ * A server error ("forbidden", "invalid", "too_many_interests"; no id when it
+ * is about the resume of a hello), or one raised by the client itself with
+ * code "decode" (an unreadable frame), "token" (getToken failed) or "socket"
+ * (the WebSocket could not be created).
  */
 export interface ErrorMessage {
   op: 'error';
   id?: number;
   code: string;
   message: string;
+  /** When the node refused a request of this client: its interests, now dropped. */
+  interests?: Interest[];
 }
 
 export type State = 'connecting' | 'open' | 'closed';

@@ -21,14 +21,13 @@
 // - In "json" format, numbers above 2^53 lose precision (JSON.parse). Epochs
 //   are node start times in milliseconds, far below that; "msgpack" clients
 //   would get any larger value as BigInt.
-// - The node refuses a request as a whole: when one interest is forbidden or
-//   invalid, nothing of that request is subscribed. The client mirrors this:
-//   a refused `subscribe` drops its interests from the client's set (the
-//   "error" event lists them), so they do not poison later resumes. A refused
-//   resume (an error without id before the welcome) leaves the node holding
-//   none of the interests; the client then treats the session as not
-//   recovered (cursor from `welcome.position`, "reset" event) and subscribes
-//   each interest in its own request, so only the refused ones are lost.
+// - The node refuses a `subscribe` as a whole: when one interest is forbidden
+//   or invalid, nothing of that request is subscribed. The client mirrors
+//   this: a refused `subscribe` drops its interests from the client's set (the
+//   "error" event lists them), so they do not poison later resumes. In a
+//   resume the node refuses only the bad interests, listed in an error without
+//   id before the welcome, and resumes the rest; the client drops the listed
+//   ones.
 // - Binary values inside a JSON `data` payload arrive as the server renders
 //   them, `{"$binary": "<base64>"}` (and ext values as `{"$ext": {type,
 //   data}}`), and are handed over untouched. In "msgpack" format they arrive
@@ -656,7 +655,7 @@ export class RippleClient {
     if (typeof token !== 'string' && typeof getToken !== 'function') {
       throw new TypeError('options.token (string) or options.getToken (function) is required');
     }
-    if (!(format in SUBPROTOCOLS)) {
+    if (!Object.hasOwn(SUBPROTOCOLS, format)) {
       throw new TypeError(`options.format must be "json" or "msgpack", not ${format}`);
     }
     if (typeof Socket !== 'function') {
@@ -1022,8 +1021,21 @@ export class RippleClient {
       return;
     }
 
-    // The node answers a resume it refuses with an error before the welcome.
-    if (this.#resumed && !this.#welcomed) this.#resumeRefused = true;
+    // Interests of a resume that the node refused come back in an error
+    // without id, before the welcome, listing them; the node resumed the
+    // others. They are dropped so that later resumes are not refused again.
+    if (this.#resumed && !this.#welcomed) {
+      if (Array.isArray(msg.interests)) {
+        for (const refused of msg.interests) {
+          const key = interestKey(refused);
+          this.#interests.delete(key);
+          this.#sessionInterests.delete(key);
+        }
+      } else {
+        // A node that does not say which: assume it resumed none of them.
+        this.#resumeRefused = true;
+      }
+    }
     this.#emit('error', msg);
   }
 

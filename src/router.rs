@@ -81,6 +81,9 @@ pub struct Router {
     metrics: Arc<Metrics>,
     /// Where accepted changes go to reach the peers (the cluster's PUB).
     outbound: Option<UnboundedSender<Arc<Positioned>>>,
+    /// Set by [`CloseAll`]: the node is shutting down, and a session that
+    /// says hello now is sent away with 4009 too.
+    going_away: bool,
 }
 
 impl Router {
@@ -106,6 +109,7 @@ impl Router {
             max_interests: config.limits.max_interests,
             metrics,
             outbound: None,
+            going_away: false,
         }
     }
 
@@ -427,6 +431,10 @@ impl Handler<Hello> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: Hello, _: &mut Context<Self>) {
+        if self.going_away {
+            msg.addr.do_send(ToSession::Close(CloseCode::GoingAway));
+            return;
+        }
         let key = match self.free.pop() {
             Some(key) => key,
             None => {
@@ -608,7 +616,8 @@ impl Handler<CutIfStuck> for Router {
     }
 }
 
-/// Closes every session with 4009 (node going away), before shutdown.
+/// Closes every session with 4009 (node going away), before shutdown, and
+/// every session that says hello after it.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct CloseAll;
@@ -617,6 +626,7 @@ impl Handler<CloseAll> for Router {
     type Result = usize;
 
     fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) -> usize {
+        self.going_away = true;
         let mut closed = 0;
         for entry in self.sessions.iter_mut().flatten() {
             entry.closing = true;

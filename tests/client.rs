@@ -22,7 +22,8 @@ use ripple::interest::Interest;
 /// The longest any single expected thing may take.
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A node run from the real binary, killed when dropped.
+/// A node run from the real binary, killed when dropped. Its config and log
+/// live in a scratch directory, removed unless the test failed.
 struct Node {
     child: Option<Child>,
     port: u16,
@@ -175,6 +176,12 @@ impl Drop for Node {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Kept when the test failed: the node's log is in there.
+        if !std::thread::panicking() {
+            if let Some(dir) = self.config.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
     }
 }

@@ -256,8 +256,8 @@ pub enum Event {
     /// 4008, 4009, ...), `None` when the connection was cut or never made.
     Disconnected { code: Option<u16>, reason: String },
     /// The node refused a request (`error` op). With an `id`, that
-    /// subscription is dropped; without, the interests of a resume were
-    /// refused and the client holds none until it subscribes again.
+    /// subscription is dropped; without, the listed interests of a resume
+    /// were refused and the client no longer holds them.
     Error {
         id: Option<u64>,
         code: String,
@@ -661,14 +661,21 @@ impl Runner {
                 self.emit(Event::Subscribed { id }, None).await
             }
             Incoming::Unsubscribed { id } => self.emit(Event::Unsubscribed { id }, None).await,
-            Incoming::Error { id, code, message } => {
+            Incoming::Error {
+                id,
+                code,
+                message,
+                interests,
+            } => {
                 warn!("client request refused id={id:?} code={code} message={message:?}");
-                match id {
-                    Some(id) => self.pending.retain(|(p, _)| *p != id),
-                    // Only a resume's interests are refused without an id,
-                    // and then none of them is held.
-                    None if resumed => self.held.clear(),
-                    None => {}
+                match (id, interests) {
+                    (Some(id), _) => self.pending.retain(|(p, _)| *p != id),
+                    // Only a resume's interests are refused without an id;
+                    // the node lists them and resumed the others.
+                    (None, Some(refused)) if resumed => self.held.retain(|i| !refused.contains(i)),
+                    // A node that does not list them resumed none.
+                    (None, None) if resumed => self.held.clear(),
+                    (None, _) => {}
                 }
                 self.emit(Event::Error { id, code, message }, None).await
             }
@@ -804,6 +811,8 @@ enum Incoming {
         id: Option<u64>,
         code: String,
         message: String,
+        /// The interests refused, when the node lists them.
+        interests: Option<Vec<Interest>>,
     },
 }
 
@@ -854,6 +863,8 @@ enum Control {
         code: String,
         #[serde(default)]
         message: String,
+        #[serde(default)]
+        interests: Option<Vec<Interest>>,
     },
 }
 
@@ -894,7 +905,17 @@ fn decode_value(value: Value) -> Result<Option<Incoming>, String> {
                 Control::Unsubscribed { id } => Incoming::Unsubscribed {
                     id: id.unwrap_or(INITIAL_SUBSCRIBE_ID),
                 },
-                Control::Error { id, code, message } => Incoming::Error { id, code, message },
+                Control::Error {
+                    id,
+                    code,
+                    message,
+                    interests,
+                } => Incoming::Error {
+                    id,
+                    code,
+                    message,
+                    interests,
+                },
             }))
         }
         _ => {

@@ -325,6 +325,9 @@ pub type WireCursor = HashMap<String, (u64, u64)>;
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ClientMessage {
     Hello {
+        /// Missing reads as empty, so that "no token" is refused like a bad
+        /// one (4001), not as a malformed message (4002).
+        #[serde(default)]
         token: String,
         #[serde(default)]
         resume: Option<Resume>,

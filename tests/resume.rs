@@ -273,3 +273,62 @@ async fn trimmed_history_answers_recovered_false_without_catch_up() {
     assert_eq!(welcome["missed"], 0);
     assert_eq!(node.metric("ripple_catch_ups_unrecovered_total").await, 2.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_changes_wait_behind_a_long_catch_up() {
+    // A catch-up of several MB is written in chunks over many turns of the
+    // session; live changes published meanwhile must queue behind it.
+    let node = Arc::new(Node::start_default().await);
+    let interests = json!([{"workspace": "w"}]);
+    let seen = node.publish_one(json!({"workspace": "w"})).await;
+    let payload = "y".repeat(1000);
+    let mut expected = Vec::new();
+    for _ in 0..40 {
+        let batch = vec![json!({"workspace": "w", "data": payload}); 100];
+        expected.extend(node.publish(json!(batch)).await);
+    }
+
+    let (stop_tx, stop) = watch::channel(false);
+    let publisher = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut published = Vec::new();
+            while !*stop.borrow() {
+                published.extend(
+                    node.publish(json!({"workspace": "w", "kind": "live"}))
+                        .await,
+                );
+            }
+            published
+        })
+    };
+    let mut client = Client::connect(&node, Wire::MsgPack).await;
+    let welcome = client.resume(&token_all(), cursor(&seen), interests).await;
+    assert_eq!(welcome["recovered"], true);
+    let missed = welcome["missed"].as_u64().unwrap() as usize;
+    assert!(
+        missed >= expected.len(),
+        "the catch-up holds the 4000 missed"
+    );
+
+    let mut received = Vec::new();
+    let mut live_seen = 0;
+    // Until some live changes came through after the catch-up.
+    while received.len() < missed || live_seen < 20 {
+        let change = client.next_change().await;
+        if received.len() >= missed {
+            assert_eq!(change["kind"], "live");
+            live_seen += 1;
+        }
+        received.push(pos_of(&change));
+    }
+    stop_tx.send_replace(true);
+    let published = publisher.await.unwrap();
+    let fence = node.publish_one(json!({"workspace": "w"})).await;
+    received.extend(client.positions_until(&fence).await);
+
+    expected.extend(published);
+    expected.push(fence);
+    assert_eq!(received.len(), expected.len(), "each change exactly once");
+    assert_eq!(received, expected, "catch-up, then live, in seq order");
+}

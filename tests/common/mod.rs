@@ -6,9 +6,10 @@
 //! expected, instead of hanging it. Nothing here sleeps for a fixed time to
 //! let something happen; it polls a condition up to a deadline.
 //!
-//! A node's log goes to a file in its temporary folder. The folder is removed
-//! when the node is dropped, unless the test is failing, in which case the
-//! tail of the log is printed and the folder kept.
+//! A node's log goes to a file in its cluster's temporary folder. The folder
+//! is removed when the cluster and its nodes are dropped, unless the test is
+//! failing, in which case the tail of each log is printed and the folder
+//! kept.
 
 #![allow(dead_code)]
 
@@ -18,6 +19,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -96,22 +98,42 @@ where
     }
 }
 
-/// A folder of its own under the system's temporary folder.
-fn scratch_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "ripple-test-{}-{}",
-        std::process::id(),
-        NEXT_DIR.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
+/// A folder of its own under the system's temporary folder, for a cluster's
+/// config and its nodes' logs. Removed when the cluster and all its nodes
+/// are gone, unless a test failed.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> Arc<ScratchDir> {
+        let dir = std::env::temp_dir().join(format!(
+            "ripple-test-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Arc::new(ScratchDir(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} for inspection", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// A cluster config with `n` nodes (`n1`, `n2`, ...) on free ports, written
 /// to a file; single-node clusters get no ZeroMQ addresses.
 pub struct Cluster {
     pub config: Config,
-    pub dir: PathBuf,
+    pub dir: Arc<ScratchDir>,
     pub config_path: PathBuf,
 }
 
@@ -130,8 +152,8 @@ impl Cluster {
             });
         }
         tweak(&mut config);
-        let dir = scratch_dir();
-        let config_path = dir.join("ripple.toml");
+        let dir = ScratchDir::new();
+        let config_path = dir.path().join("ripple.toml");
         let text = toml::to_string(&config).expect("config serializes");
         std::fs::write(&config_path, text).expect("write config");
         Cluster {
@@ -162,7 +184,7 @@ impl Cluster {
 
     fn spawn(&self, id: &str) -> Node {
         let node = self.config.node(id).expect("node in config").clone();
-        let log_path = self.dir.join(format!("{id}.log"));
+        let log_path = self.dir.path().join(format!("{id}.log"));
         let mut node = Node {
             id: id.to_string(),
             http: node.http.parse().expect("http address"),
@@ -184,7 +206,7 @@ pub struct Node {
     pub http: SocketAddr,
     pub config: NodeConfig,
     config_path: PathBuf,
-    dir: PathBuf,
+    dir: Arc<ScratchDir>,
     log_path: PathBuf,
     child: Option<Child>,
     http_client: reqwest::Client,
@@ -437,8 +459,6 @@ impl Drop for Node {
                 self.log_path.display(),
                 self.log_tail()
             );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }

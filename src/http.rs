@@ -109,9 +109,12 @@ fn request_format(req: &HttpRequest) -> Option<Format> {
     }
 }
 
+/// The key of `Authorization: Bearer <key>`; the scheme is
+/// case-insensitive, as in every HTTP authorization header.
 fn bearer(req: &HttpRequest) -> Option<&str> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    value.strip_prefix("Bearer ").map(str::trim)
+    let (scheme, key) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
 #[derive(Serialize)]

@@ -309,9 +309,29 @@ async fn bad_publishes_are_refused_whole_and_leave_no_trace() {
     }
 
     // Nothing refused took a position or reached anyone: the next change
-    // is the next seq, and the bystander sees it right after `before`.
-    let after = node.publish_one(json!({"workspace": "w"})).await;
+    // (with a charset in its content type, which is fine) is the next seq,
+    // and the bystander sees it right after `before`.
+    let charset = Some("application/json; charset=utf-8");
+    let (status, answer) = node.post_publish(charset, key, good.clone()).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    let after = serde_json::from_value::<Vec<Pos>>(answer["positions"].clone()).unwrap();
+    let after = after[0].clone();
+    // Regression: the scheme was matched case-sensitively, so `bearer <key>`
+    // was refused with 401 (HTTP schemes are case-insensitive).
+    let (status, _) = node
+        .post_publish_with_auth(json_type, &format!("bearer  {PUBLISH_KEY}"), good)
+        .await;
+    assert_eq!(status, 200, "a lowercase scheme is accepted");
     assert_eq!(after.2, before.2 + 1, "refused changes took no seq");
-    assert_eq!(watcher.positions_until(&after).await, [before, after]);
-    assert_eq!(node.metric("ripple_changes_accepted_total").await, 2.0);
+    let last = node.publish_one(json!({"workspace": "w"})).await;
+    assert_eq!(last.2, after.2 + 2);
+    let got = watcher.positions_until(&last).await;
+    assert_eq!(
+        got.len(),
+        4,
+        "before, after, the lowercase one, last: {got:?}"
+    );
+    assert_eq!(got[..2], [before, after]);
+    assert_eq!(node.metric("ripple_changes_accepted_total").await, 4.0);
 }

@@ -332,3 +332,36 @@ async fn live_changes_wait_behind_a_long_catch_up() {
     assert_eq!(received.len(), expected.len(), "each change exactly once");
     assert_eq!(received, expected, "catch-up, then live, in seq order");
 }
+
+#[tokio::test]
+async fn a_client_that_starts_from_welcome_position_misses_nothing() {
+    // The usual life of a client: its cursor starts at `welcome.position`
+    // (before anything was published here) and moves with each change.
+    let node = Node::start_default().await;
+    let interests = json!([{"workspace": "w"}]);
+    let mut client = Client::connect(&node, Wire::Json).await;
+    let welcome = client.hello(&token_all(), None).await;
+    let epoch = node.health().await["epoch"].as_u64().unwrap();
+    assert_eq!(welcome["position"], json!({"n1": [epoch, 0]}));
+    assert_eq!(welcome["recovered"], true);
+    assert_eq!(welcome["missed"], 0);
+    client.close().await;
+
+    let positions = node
+        .publish(json!([{"workspace": "w"}, {"workspace": "w"}]))
+        .await;
+    let mut client = Client::connect(&node, Wire::MsgPack).await;
+    let welcome = client
+        .resume(&token_all(), welcome["position"].clone(), interests.clone())
+        .await;
+    assert_eq!(welcome["recovered"], true);
+    assert_eq!(welcome["missed"], 2);
+    assert_eq!(client.positions_until(&positions[1]).await, positions);
+
+    // A cursor that does not name this origin at all: all of it is missed.
+    let mut client = Client::connect(&node, Wire::Json).await;
+    let welcome = client.resume(&token_all(), json!({}), interests).await;
+    assert_eq!(welcome["recovered"], true);
+    assert_eq!(welcome["missed"], 2);
+    assert_eq!(client.positions_until(&positions[1]).await, positions);
+}

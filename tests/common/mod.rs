@@ -416,6 +416,26 @@ impl Node {
         (status, response.bytes().await.expect("body").to_vec())
     }
 
+    /// POSTs a publish with a raw `Authorization` value.
+    pub async fn post_publish_with_auth(
+        &self,
+        content_type: Option<&str>,
+        authorization: &str,
+        body: Vec<u8>,
+    ) -> (u16, Vec<u8>) {
+        let mut request = self.http_client.post(self.url("/v1/publish")).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let request = request.header("authorization", authorization);
+        let response = timeout(WAIT, request.send())
+            .await
+            .expect("publish timed out")
+            .expect("publish request failed");
+        let status = response.status().as_u16();
+        (status, response.bytes().await.expect("body").to_vec())
+    }
+
     /// Publishes one change or an array of them as JSON; expects 200 and
     /// answers the positions.
     pub async fn publish(&self, changes: Value) -> Vec<Pos> {

@@ -140,6 +140,7 @@ async fn workspaces_outside_the_token_are_forbidden_and_the_rest_stands() {
     let error = client.reply(2).await;
     assert_eq!(error["op"], "error");
     assert_eq!(error["code"], "forbidden");
+    assert_eq!(error["interests"], json!([{"workspace": "secret"}]));
     assert!(
         error["message"].as_str().unwrap().contains("secret"),
         "{error}"
@@ -161,37 +162,35 @@ async fn workspaces_outside_the_token_are_forbidden_and_the_rest_stands() {
 }
 
 #[tokio::test]
-async fn forbidden_resume_interests_are_refused_and_the_session_goes_on() {
+async fn forbidden_resume_interests_are_refused_and_the_allowed_ones_resume() {
     let node = Node::start_default().await;
+    let before = node
+        .publish(json!([{"workspace": "acme"}, {"workspace": "secret"}, {"workspace": "acme"}]))
+        .await;
+
     let mut client = Client::connect(&node, Wire::MsgPack).await;
     client
         .send(json!({"op": "hello", "token": token(&["acme"]), "resume": {
             "cursor": {}, "interests": [{"workspace": "acme"}, {"workspace": "secret"}]}}))
         .await;
-    let mut error = None;
-    let welcome = loop {
-        let message = client.next().await;
-        match message["op"].as_str() {
-            Some("error") => error = Some(message),
-            Some("welcome") => break message,
-            _ => panic!("unexpected before welcome: {message}"),
-        }
-    };
-    let error = error.expect("an error for the forbidden resume interest");
+    // The refusal comes first, without id, listing the refused interests.
+    let error = client.next().await;
+    assert_eq!(error["op"], "error", "{error}");
     assert_eq!(error["code"], "forbidden");
     assert!(
         error.get("id").is_none(),
         "no request id to answer: {error}"
     );
+    assert_eq!(error["interests"], json!([{"workspace": "secret"}]));
+    let welcome = client.next().await;
+    assert_eq!(welcome["op"], "welcome", "{welcome}");
     assert_eq!(welcome["recovered"], true);
 
-    // Nothing of the refused resume was subscribed; a subscribe works.
-    client
-        .subscribe(1, json!([{"workspace": "acme", "list": "l"}]))
+    // The allowed interest resumes with its catch-up, then goes on live.
+    assert_eq!(welcome["missed"], 2, "{welcome}");
+    let live = node
+        .publish(json!([{"workspace": "secret"}, {"workspace": "acme"}]))
         .await;
-    let positions = node
-        .publish(json!([{"workspace": "acme"}, {"workspace": "secret"},
-                        {"workspace": "acme", "lists": ["l"]}]))
-        .await;
-    assert_eq!(client.positions_until(&positions[2]).await, positions[2..]);
+    let expected = vec![before[0].clone(), before[2].clone(), live[1].clone()];
+    assert_eq!(client.positions_until(&live[1]).await, expected);
 }

@@ -75,7 +75,6 @@ async fn sigterm_closes_every_session_with_4009_then_exits() {
 }
 
 #[tokio::test]
-#[ignore = "needs the Router's going-away hello (branch client, 6552893) to be merged"]
 async fn a_hello_after_sigterm_is_sent_away_with_4009() {
     let mut node = Node::start_default().await;
     let mut late = Client::connect(&node, Wire::Json).await;

@@ -199,6 +199,9 @@ pub struct Session {
     pending: VecDeque<(Arc<Positioned>, bool)>,
     pumping: bool,
     last_seen: Instant,
+    /// A fragmented message being put together: (is text, bytes so far).
+    /// Boxed, since nearly every session never sees one.
+    fragment: Option<Box<(bool, bytes::BytesMut)>>,
     connection: Connection,
     _slot: ConnectionSlot,
 }
@@ -220,6 +223,7 @@ impl Session {
             pending: VecDeque::new(),
             pumping: false,
             last_seen: Instant::now(),
+            fragment: None,
             connection,
             _slot: slot,
         }
@@ -268,6 +272,42 @@ impl Session {
         }
         self.write(ctx, frame);
         len
+    }
+
+    /// Puts a fragmented message together. `Ok(Some)` when complete;
+    /// `Err(None)` when it grows past `max_frame_bytes`, `Err(Some)` when the
+    /// fragments come out of order.
+    #[allow(clippy::type_complexity)]
+    fn reassemble(
+        &mut self,
+        item: actix_http::ws::Item,
+    ) -> Result<Option<(bool, Vec<u8>)>, Option<String>> {
+        use actix_http::ws::Item;
+        let out_of_order = || Some("fragment out of order".to_string());
+        let (first, chunk, last) = match item {
+            Item::FirstText(chunk) => (Some(true), chunk, false),
+            Item::FirstBinary(chunk) => (Some(false), chunk, false),
+            Item::Continue(chunk) => (None, chunk, false),
+            Item::Last(chunk) => (None, chunk, true),
+        };
+        match (first, &mut self.fragment) {
+            (Some(_), Some(_)) | (None, None) => return Err(out_of_order()),
+            (Some(text), slot @ None) => {
+                *slot = Some(Box::new((text, bytes::BytesMut::new())));
+            }
+            (None, Some(_)) => {}
+        }
+        let fragment = self.fragment.as_mut().expect("started above");
+        if fragment.1.len() + chunk.len() > self.shared.limits.max_frame_bytes {
+            self.fragment = None;
+            return Err(None);
+        }
+        fragment.1.extend_from_slice(&chunk);
+        if !last {
+            return Ok(None);
+        }
+        let (text, bytes) = *self.fragment.take().expect("started above");
+        Ok(Some((text, bytes.to_vec())))
     }
 
     /// Writes pending changes, a chunk per turn.
@@ -445,6 +485,12 @@ impl Actor for Session {
         ctx.run_interval(limits.ping_interval(), move |session, ctx| {
             if session.last_seen.elapsed() > idle {
                 debug!("session closed, client silent session={}", session.id);
+                // Likely never read, but a client that was merely stalled
+                // learns why.
+                ctx.close(Some(ws::CloseReason {
+                    code: ws::CloseCode::Away,
+                    description: Some("no pong in time".into()),
+                }));
                 ctx.stop();
             } else {
                 ctx.ping(b"");
@@ -500,9 +546,17 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
                 ctx.close(None);
                 return ctx.stop();
             }
-            Ok(ws::Message::Continuation(_)) => {
-                Err("fragmented messages are not supported; send each message whole".into())
-            }
+            Ok(ws::Message::Continuation(item)) => match self.reassemble(item) {
+                Ok(None) => return,
+                Ok(Some((true, text))) => ClientMessage::from_json(&text),
+                Ok(Some((false, bytes))) => ClientMessage::from_msgpack(&bytes),
+                Err(Some(reason)) => Err(reason),
+                Err(None) => {
+                    let max = self.shared.limits.max_frame_bytes;
+                    let reason = format!("messages may be at most {max} bytes");
+                    return self.close(ctx, CloseCode::TooBig, &reason);
+                }
+            },
             Err(ws::ProtocolError::Overflow) => {
                 self.shared
                     .metrics

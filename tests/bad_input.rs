@@ -335,3 +335,48 @@ async fn bad_publishes_are_refused_whole_and_leave_no_trace() {
     assert_eq!(got[..2], [before, after]);
     assert_eq!(node.metric("ripple_changes_accepted_total").await, 4.0);
 }
+
+fn fragment(
+    data: &[u8],
+    kind: tokio_tungstenite::tungstenite::protocol::frame::coding::Data,
+    last: bool,
+) -> Message {
+    use tokio_tungstenite::tungstenite::protocol::frame::{coding::OpCode, Frame};
+    Message::Frame(Frame::message(data.to_vec(), OpCode::Data(kind), last))
+}
+
+#[tokio::test]
+async fn fragmented_messages_are_put_together_within_the_frame_limit() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::Data;
+    let node = start().await;
+
+    // Regression: fragments used to be refused with 4002; RFC 6455 allows them.
+    let hello = json!({"op": "hello", "token": token_all()})
+        .to_string()
+        .into_bytes();
+    let (head, tail) = hello.split_at(hello.len() / 2);
+    let mut client = Client::connect(&node, Wire::Json).await;
+    client.send_raw(fragment(head, Data::Text, false)).await;
+    client.send_raw(fragment(tail, Data::Continue, true)).await;
+    let welcome = client.next().await;
+    assert_eq!(welcome["op"], "welcome", "{welcome}");
+
+    // Fragments that add up past the frame limit are refused like a big frame.
+    let chunk = vec![b' '; MAX_FRAME / 2 + 1];
+    let mut client = Client::connect(&node, Wire::Json).await;
+    client.send_raw(fragment(&chunk, Data::Text, false)).await;
+    client
+        .send_raw(fragment(&chunk, Data::Continue, true))
+        .await;
+    client.expect_close(1009).await;
+
+    // A continuation with no message to continue is a protocol error.
+    closes(
+        &node,
+        Wire::Json,
+        true,
+        fragment(b"{}", Data::Continue, true),
+        4002,
+    )
+    .await;
+}

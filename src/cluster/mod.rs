@@ -281,8 +281,10 @@ async fn publish(
             change = outbound.recv() => {
                 let Some(change) = change else { break };
                 let body = change.msgpack_frame().clone();
-                if let Err(error) = socket.send(sealer.seal(Kind::Change, &node, vec![body])).await {
-                    warn!("bus send failed, peers will repair seq={} error={error}", change.pos.seq);
+                let frame = sealer.seal(Kind::Change, &node, vec![body]);
+                if let Err(error) = socket.send(frame).await {
+                    let seq = change.pos.seq;
+                    warn!("bus send failed, peers will repair seq={seq} error={error}");
                 }
                 last_seq = change.pos.seq;
                 published.send_replace(last_seq);
@@ -291,7 +293,8 @@ async fn publish(
                 let Ok(state) = router.send(GetState).await else { break };
                 let beat = Heartbeat { epoch, seq: last_seq, applied: state.position };
                 let body = Bytes::from(rmp_serde::to_vec_named(&beat).expect("encodes"));
-                if let Err(error) = socket.send(sealer.seal(Kind::Heartbeat, &node, vec![body])).await {
+                let frame = sealer.seal(Kind::Heartbeat, &node, vec![body]);
+                if let Err(error) = socket.send(frame).await {
                     debug!("heartbeat not sent error={error}");
                 }
             }
@@ -371,7 +374,8 @@ impl Links {
                 done = repaired_rx.recv() => {
                     let Some((origin, epoch, _, repaired)) = done else { break };
                     if let Some(r) = &repaired {
-                        self.metrics.peer_repaired.with_label_values(&[&origin]).inc_by(r.changes.len() as u64);
+                        let repaired = self.metrics.peer_repaired.with_label_values(&[&origin]);
+                        repaired.inc_by(r.changes.len() as u64);
                     }
                     self.intake.on_repaired(&origin, epoch, repaired)
                 }
@@ -506,7 +510,10 @@ impl Links {
                     epoch,
                     base,
                 } => {
-                    warn!("changes no node holds any more were skipped origin={origin} epoch={epoch} up_to={base}");
+                    warn!(
+                        "changes no node holds any more were skipped \
+                         origin={origin} epoch={epoch} up_to={base}"
+                    );
                     self.router.do_send(SkipTo {
                         origin,
                         epoch,

@@ -34,7 +34,12 @@ pub fn run(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
                 .spawn()?;
             prefix(&node.id, child.stdout.take());
             prefix(&node.id, child.stderr.take());
-            info!("node starting node={} http={} ws={}", node.id, node.http, node.ws_url());
+            info!(
+                "node starting node={} http={} ws={}",
+                node.id,
+                node.http,
+                node.ws_url()
+            );
             children.push((node.id.clone(), child));
         }
 
@@ -42,15 +47,17 @@ pub fn run(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let exited = async {
-            let waits = children.iter_mut().map(|(id, child)| {
-                Box::pin(async move { (id.clone(), child.wait().await) })
-            });
+            let waits = children
+                .iter_mut()
+                .map(|(id, child)| Box::pin(async move { (id.clone(), child.wait().await) }));
             futures_util::future::select_all(waits).await.0
         };
         tokio::select! {
             _ = term.recv() => info!("stopping the cluster signal=SIGTERM"),
             _ = int.recv() => info!("stopping the cluster signal=SIGINT"),
-            (id, status) = exited => warn!("a node exited, stopping the others node={id} status={status:?}"),
+            (id, status) = exited => {
+                warn!("a node exited, stopping the others node={id} status={status:?}")
+            }
         }
         for (_, child) in &children {
             if let Some(pid) = child.id() {

@@ -10,8 +10,9 @@
 //!
 //! Guarantees and limits:
 //! - Per origin, every node applies changes in seq order with no gaps; a
-//!   range no node holds any more is skipped visibly (resumes from before it
-//!   answer `recovered: false`).
+//!   range no node holds any more is skipped visibly: the node's sessions
+//!   are closed with 4008, and resumes from before it answer
+//!   `recovered: false`.
 //! - A heartbeat carries the sender's epoch, the last seq it published, and
 //!   the last position it applied of every origin. The first lets a peer
 //!   notice a lost tail; the last lets a peer repair from a survivor the

@@ -47,7 +47,7 @@ fn free_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let _ = NEXT.compare_exchange(
         0,
-        20_000 + (std::process::id() % 100) as u16 * 100,
+        20_000 + (std::process::id() % 55) as u16 * 200,
         Ordering::SeqCst,
         Ordering::SeqCst,
     );

@@ -161,15 +161,18 @@ impl History {
 
     /// Records that the changes of `origin`'s `epoch` up to `base` cannot be
     /// had (no node holds them any more): the log continues after `base`,
-    /// and no resume from a cursor before it is proven complete.
-    pub fn skip_to(&mut self, origin: &Arc<str>, epoch: u64, base: u64) {
+    /// and no resume from a cursor before it is proven complete. False when
+    /// the log was already past `base` (nothing skipped).
+    pub fn skip_to(&mut self, origin: &Arc<str>, epoch: u64, base: u64) -> bool {
         let epochs = self.origins.entry(origin.clone()).or_default();
         let log = epochs.entry(epoch).or_default();
-        if base > log.last {
-            log.changes.clear();
-            log.base = base;
-            log.last = base;
+        if base <= log.last {
+            return false;
         }
+        log.changes.clear();
+        log.base = base;
+        log.last = base;
+        true
     }
 
     /// Appends a change that is next in its origin's epoch.
@@ -485,7 +488,8 @@ mod tests {
         let mut h = History::new(100, 60_000);
         h.append(change("n2", 1, 1, "a", 0), 0).unwrap();
         let origin: Arc<str> = "n2".into();
-        h.skip_to(&origin, 1, 5);
+        assert!(h.skip_to(&origin, 1, 5));
+        assert!(!h.skip_to(&origin, 1, 4), "already past it");
         h.append(change("n2", 1, 6, "a", 0), 0).unwrap();
         let interests = [Interest::workspace("a")];
         assert!(!h.catch_up(&cursor(&[("n2", 1, 1)]), &interests).recovered);

@@ -365,7 +365,29 @@ impl Handler<SkipTo> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: SkipTo, _: &mut Context<Self>) {
-        self.history.skip_to(&msg.origin, msg.epoch, msg.base);
+        if !self.history.skip_to(&msg.origin, msg.epoch, msg.base) {
+            return;
+        }
+        // A live session would never learn of the gap: send it to resume,
+        // which answers `recovered: false` from a cursor before the skip.
+        // Sessions that resumed from beyond the skip lost nothing.
+        let mut closed = 0;
+        for entry in self.sessions.iter_mut().flatten() {
+            let past = entry.ahead.iter().any(|(origin, epoch, seq)| {
+                *origin == msg.origin && *epoch == msg.epoch && *seq >= msg.base
+            });
+            if entry.closing || past {
+                continue;
+            }
+            entry.closing = true;
+            entry.addr.do_send(ToSession::Close(CloseCode::TooSlow));
+            closed += 1;
+        }
+        warn!(
+            "changes no node holds were skipped, sessions sent to resume code=4008 origin={} \
+             epoch={} up_to={} sessions={closed}",
+            msg.origin, msg.epoch, msg.base
+        );
     }
 }
 

@@ -10,8 +10,9 @@
 //!
 //! Guarantees and limits:
 //! - Per origin, every node applies changes in seq order with no gaps; a
-//!   range no node holds any more is skipped visibly (resumes from before it
-//!   answer `recovered: false`).
+//!   range no node holds any more is skipped visibly: the node's sessions
+//!   are closed with 4008, and resumes from before it answer
+//!   `recovered: false`.
 //! - A heartbeat carries the sender's epoch, the last seq it published, and
 //!   the last position it applied of every origin. The first lets a peer
 //!   notice a lost tail; the last lets a peer repair from a survivor the
@@ -322,6 +323,8 @@ async fn subscribe(
             continue;
         }
         debug!("peer link connected peer={peer} address={address}");
+        let connected = Instant::now();
+        let mut next_check = connected + HEARTBEAT_INTERVAL;
         loop {
             match tokio::time::timeout(PEER_TIMEOUT, socket.recv()).await {
                 Ok(Ok(message)) => {
@@ -331,6 +334,14 @@ async fn subscribe(
                 }
                 Ok(Err(error)) => debug!("peer link receive error peer={peer} error={error}"),
                 Err(_) => break,
+            }
+            // Traffic alone is no sign of life: a process that took the
+            // peer's address without the secret must not keep it up.
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + HEARTBEAT_INTERVAL;
+                if silent(&peers, &peer, connected) {
+                    break;
+                }
             }
         }
         let was_up = {
@@ -346,6 +357,14 @@ async fn subscribe(
             );
         }
     }
+}
+
+/// True when no frame of `peer` passed the MAC for [`PEER_TIMEOUT`] since
+/// `since` (see [`Links::heard`]).
+fn silent(peers: &PeerTable, peer: &str, since: Instant) -> bool {
+    let table = peers.lock().expect("peer table");
+    let heard = table.get(peer).and_then(|s| s.last_heard);
+    heard.map_or(since, |t| t.max(since)).elapsed() > PEER_TIMEOUT
 }
 
 /// The intake loop: frames from peers and repair answers in, Router

@@ -45,7 +45,9 @@
 //! `BATCH` (changes per request), `RATE` (changes per second over all
 //! publishers, 0 for as fast as answers come back), `PAYLOAD` (extra bytes
 //! of data per change), `WARMUP_SECS`, `SECS`, `FORMAT` (`json` or
-//! `msgpack` frames to clients), `HTTP_WORKERS` (the node's), `NODES`.
+//! `msgpack` frames to clients), `HTTP_WORKERS` (the node's), `PING_MS`
+//! (the node's ping interval; in `idle`, holds the connections for `SECS`
+//! to show what hours of pings do to memory), `NODES`.
 //!
 //! Not yet: several nodes. The node processes are kept in a list and clients
 //! and publishers take a list of addresses, spread round-robin, so that a
@@ -80,8 +82,9 @@ const CONNECT_CONCURRENCY: usize = 64;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the node gets to answer `/healthz` after it is started.
 const NODE_START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long idle connections settle before the node's memory is read.
-const SETTLE: Duration = Duration::from_secs(2);
+/// How long idle connections settle before the node's memory is read: past
+/// the node's hello timeout (5 s), whose timers live until then.
+const SETTLE: Duration = Duration::from_secs(6);
 /// Largest latency the histograms hold, in microseconds (a minute).
 const MAX_LATENCY_US: u64 = 60_000_000;
 
@@ -121,6 +124,8 @@ struct Settings {
     warmup: Duration,
     window: Duration,
     format: String,
+    /// The node's ping interval, when not its default.
+    ping_ms: Option<u64>,
 }
 
 impl Settings {
@@ -163,6 +168,9 @@ impl Settings {
             )),
             window: Duration::from_secs(env_or("RIPPLE_BENCH_SECS", if quick { 3 } else { 20 })),
             format,
+            ping_ms: std::env::var("RIPPLE_BENCH_PING_MS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -247,6 +255,7 @@ fn fanout(settings: &Settings, bin: &Path, dir: &Path) {
     let publish_cpu0 = publisher.cpu();
     let delivered0: f64 = nodes.iter().map(|n| n.metric("deliveries_total")).sum();
     let machine0 = machine_ticks();
+    let threads0 = thread_cpu(nodes[0].pid());
     let started = Instant::now();
     for w in workers.iter_mut().chain(std::iter::once(&mut publisher)) {
         w.send("start");
@@ -264,7 +273,12 @@ fn fanout(settings: &Settings, bin: &Path, dir: &Path) {
         .map(|n| n.metric("deliveries_total"))
         .sum::<f64>()
         - delivered0;
-    let machine = machine_busy(machine0, machine_ticks());
+    let machine = machine_busy(
+        machine0,
+        machine_ticks(),
+        node_cpu + clients_cpu + publish_cpu,
+    );
+    let threads = thread_report(&threads0, &thread_cpu(nodes[0].pid()));
 
     let published = publisher.report();
     let mut latency = new_histogram();
@@ -323,6 +337,7 @@ fn fanout(settings: &Settings, bin: &Path, dir: &Path) {
         thousands(per_cpu),
         1e6 / per_cpu.max(1e-9)
     );
+    println!("   node threads        {threads}");
     println!(
         "   node memory         RSS {} before, {} with {ok} clients: {:.1} KiB per connection",
         mib(rss_before),
@@ -337,11 +352,7 @@ fn fanout(settings: &Settings, bin: &Path, dir: &Path) {
         workers.len(),
         clients_cpu * 1e6 / deliveries.max(1) as f64
     );
-    println!(
-        "   machine             {:.0}% of {} cores busy during the window",
-        machine * 100.0,
-        cores()
-    );
+    println!("   machine             {machine}");
 
     publisher.finish();
     for w in workers {
@@ -382,8 +393,13 @@ fn idle(settings: &Settings, bin: &Path, dir: &Path) {
         mib(rss_after)
     );
 
-    // Idle cost: pings every ping_interval_ms (10 s by default).
-    let hold = settings.window.min(Duration::from_secs(10));
+    // Idle cost: pings every ping_interval_ms (10 s by default). With
+    // RIPPLE_BENCH_PING_MS the pings come faster and the whole window is
+    // held, which ages the connections: memory after hours of pings.
+    let hold = match settings.ping_ms {
+        Some(_) => settings.window,
+        None => settings.window.min(Duration::from_secs(10)),
+    };
     let node_cpu0: f64 = nodes.iter().map(NodeProc::cpu).sum();
     let clients_cpu0: f64 = workers.iter().map(Worker::cpu).sum();
     for w in &mut workers {
@@ -397,10 +413,14 @@ fn idle(settings: &Settings, bin: &Path, dir: &Path) {
         w.send("stop");
         closed += w.report().count("closed");
     }
+    let rss_held: u64 = nodes.iter().map(|n| n.rss_kib()).sum();
+    let ping_ms = settings.ping_ms.unwrap_or(10_000);
     println!(
-        "   while idle {:.0} s    node CPU {node_cpu:.2} s, clients CPU {clients_cpu:.2} s, \
-         {closed} connections closed",
-        hold.as_secs_f64()
+        "   held {:.0} s          pings every {ping_ms} ms: node CPU {node_cpu:.2} s, clients CPU \
+         {clients_cpu:.2} s, {closed} connections closed; RSS {}: {:.2} KiB per connection",
+        hold.as_secs_f64(),
+        mib(rss_held),
+        rss_held.saturating_sub(rss_before) as f64 / ok.max(1) as f64
     );
     for w in workers {
         w.finish();
@@ -486,9 +506,12 @@ fn start_nodes(settings: &Settings, bin: &Path, dir: &Path) -> Vec<NodeProc> {
         format!(
             "[cluster]\nhttp_workers = {}\n\
              [history]\nmax_changes = 100000\nmax_age_secs = 600\n\
-             [limits]\nmax_connections = 19500\n\
+             [limits]\nmax_connections = 19500\n{}\
              [[nodes]]\nid = \"n1\"\nhttp = \"{http}\"\n",
-            settings.http_workers
+            settings.http_workers,
+            settings
+                .ping_ms
+                .map_or(String::new(), |ms| format!("ping_interval_ms = {ms}\n"))
         ),
     )
     .expect("cannot write the node config");
@@ -681,9 +704,50 @@ fn cores() -> usize {
 
 /// utime + stime of a process, all its threads, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_secs(&stat)
+}
+
+/// CPU seconds of each thread of a process, by thread id, with its name.
+fn thread_cpu(pid: u32) -> HashMap<String, (String, f64)> {
+    let mut threads = HashMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return threads;
     };
+    for entry in dir.flatten() {
+        let tid = entry.file_name().to_string_lossy().to_string();
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let name = match (stat.find('('), stat.rfind(')')) {
+            (Some(a), Some(b)) if a < b => stat[a + 1..b].to_string(),
+            _ => tid.clone(),
+        };
+        threads.insert(tid, (name, stat_cpu_secs(&stat)));
+    }
+    threads
+}
+
+/// "name s, name s" for the threads that used CPU between two readings.
+fn thread_report(
+    before: &HashMap<String, (String, f64)>,
+    after: &HashMap<String, (String, f64)>,
+) -> String {
+    let mut used: Vec<(String, f64)> = after
+        .iter()
+        .map(|(tid, (name, secs))| {
+            let was = before.get(tid).map_or(0.0, |b| b.1);
+            (name.clone(), secs - was)
+        })
+        .filter(|(_, secs)| *secs > 0.0)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let parts: Vec<String> = used.iter().map(|(n, s)| format!("{n} {s:.2} s")).collect();
+    parts.join(", ")
+}
+
+fn stat_cpu_secs(stat: &str) -> f64 {
+    if stat.is_empty() {
+        return 0.0;
+    }
     // Fields after the command name, which is in parentheses and may hold
     // spaces: state is field 3, utime 14, stime 15.
     let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
@@ -702,25 +766,42 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// (busy, total) ticks of the whole machine.
-fn machine_ticks() -> (u64, u64) {
+/// The whole machine's CPU ticks from `/proc/stat`: user, nice, system,
+/// idle, iowait, irq, softirq, steal.
+fn machine_ticks() -> [u64; 8] {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().next() else {
-        return (0, 0);
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
+    let mut ticks = [0; 8];
+    if let Some(line) = stat.lines().next() {
+        for (t, field) in ticks.iter_mut().zip(line.split_whitespace().skip(1)) {
+            *t = field.parse().unwrap_or(0);
+        }
+    }
+    ticks
 }
 
-fn machine_busy(before: (u64, u64), after: (u64, u64)) -> f64 {
-    let total = after.1.saturating_sub(before.1).max(1);
-    after.0.saturating_sub(before.0) as f64 / total as f64
+/// How busy the machine was between two readings, and with what.
+/// `ours` is the CPU seconds of the node and the load generator: the rest
+/// of the busy time went to softirq (loopback TCP) and to other processes.
+fn machine_busy(before: [u64; 8], after: [u64; 8], ours: f64) -> String {
+    let d: Vec<f64> = (0..8)
+        .map(|i| after[i].saturating_sub(before[i]) as f64)
+        .collect();
+    let total: f64 = d.iter().sum::<f64>().max(1.0);
+    let pct = |x: f64| x / total * 100.0;
+    let busy = total - d[3] - d[4];
+    let ours = ours * clock_ticks();
+    format!(
+        "{:.0}% of {} cores busy (user {:.0}%, system {:.0}%, softirq {:.0}%, steal {:.0}%); \
+         node + load generator {:.0}%, the rest {:.0}% (softirq, other processes)",
+        pct(busy),
+        cores(),
+        pct(d[0] + d[1]),
+        pct(d[2] + d[5]),
+        pct(d[6]),
+        pct(d[7]),
+        pct(ours),
+        pct((busy - ours).max(0.0))
+    )
 }
 
 fn free_port() -> u16 {

@@ -238,6 +238,11 @@ impl Config {
                 "cluster.http_workers must be at least 1".into(),
             ));
         }
+        if self.limits.ping_interval_ms == 0 || self.limits.idle_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.ping_interval_ms and limits.idle_timeout_ms must be at least 1".into(),
+            ));
+        }
         if self.history.max_changes == 0 {
             return Err(ConfigError::Invalid(
                 "history.max_changes must be at least 1".into(),

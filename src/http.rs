@@ -18,9 +18,10 @@ use crate::auth::{self, publish_key_ok};
 use crate::cluster::ClusterHandle;
 use crate::codec::{decode_publish, Format};
 use crate::config::{Config, DEV_PUBLISH_KEY};
+use crate::connection::Connection;
 use crate::metrics::Metrics;
 use crate::router::{GetState, Publish, Router};
-use crate::session::{Connection, ConnectionSlot, Session, SessionShared};
+use crate::session::{ConnectionSlot, Session, SessionShared};
 
 /// The browser client and the demo page, built into the binary.
 const CLIENT_JS: &str = include_str!("../clients/js/ripple.js");
@@ -39,13 +40,6 @@ pub struct AppState {
     pub sessions: Arc<SessionShared>,
     /// The cluster links; `None` on a single node.
     pub cluster: Option<ClusterHandle>,
-}
-
-/// The socket under a request, recorded by the server's `on_connect`.
-#[derive(Clone, Copy)]
-pub struct SocketInfo {
-    pub fd: i32,
-    pub cookie: u64,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -237,14 +231,10 @@ async fn websocket(
         Some(Format::MSGPACK_PROTOCOL) => Format::MsgPack,
         _ => Format::Json,
     };
-    let connection = match req.conn_data::<SocketInfo>() {
-        Some(info) => Connection {
-            fd: info.fd,
-            cookie: info.cookie,
-            arbiter: Some(actix::Arbiter::current()),
-        },
-        None => Connection::unknown(),
-    };
+    let local_port = req.app_config().local_addr().port();
+    let connection = req
+        .peer_addr()
+        .map(|peer| Connection::current(peer, local_port));
     let session = Session::new(state.sessions.clone(), format, connection, slot);
     let codec = actix_http::ws::Codec::new().max_size(state.config.limits.max_frame_bytes);
     Ok(response.streaming(ws::WebsocketContext::with_codec(session, stream, codec)))

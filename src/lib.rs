@@ -14,6 +14,7 @@ pub mod client;
 pub mod cluster;
 pub mod codec;
 pub mod config;
+pub mod connection;
 pub mod history;
 pub mod http;
 pub mod interest;

@@ -31,16 +31,21 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::change::{now_ms, Change, Position, Positioned};
 use crate::codec::{Format, Frame, ServerMessage, WireCursor};
 use crate::config::Config;
+use crate::connection::Connection;
 use crate::history::{AppendError, History};
 use crate::interest::{Interest, InterestIndex, SessionKey};
 use crate::metrics::Metrics;
-use crate::session::{CloseCode, Connection, Session, ToSession};
+use crate::session::{CloseCode, Session, ToSession};
 
-/// How often history is trimmed by age and the gauges refreshed.
+/// How often history is trimmed by age, expired tokens are acted on and the
+/// gauges refreshed.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// Requests (publishes, state queries) queued at the Router before their
 /// senders wait: backpressure on publishers when the Router is saturated.
 const ROUTER_MAILBOX: usize = 4096;
+/// Heartbeats go to one slice of the sessions at a time (see
+/// [`Router::beat`]).
+const BEAT_SLICES: u64 = 16;
 /// How long a session closed for being slow has to go by itself before its
 /// connection is cut.
 const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(3);
@@ -60,7 +65,10 @@ struct SessionEntry {
     /// Positions the client saw on a node further ahead than this one:
     /// changes up to them are skipped. Empty for nearly every session.
     ahead: Vec<(Arc<str>, u64, u64)>,
-    connection: Connection,
+    /// The token's expiry, seconds since the Unix epoch.
+    expires: u64,
+    /// `None` when the request did not say where it came from.
+    connection: Option<Box<Connection>>,
     closing: bool,
 }
 
@@ -84,6 +92,11 @@ pub struct Router {
     /// Set by [`CloseAll`]: the node is shutting down, and a session that
     /// says hello now is sent away with 4009 too.
     going_away: bool,
+    /// How often every session pings its client (see [`ToSession::Heartbeat`]).
+    heartbeat: Duration,
+    /// Counts heartbeat ticks: each tick beats one of [`BEAT_SLICES`] slices
+    /// of the sessions.
+    beats: u64,
 }
 
 impl Router {
@@ -110,6 +123,8 @@ impl Router {
             metrics,
             outbound: None,
             going_away: false,
+            heartbeat: config.limits.ping_interval(),
+            beats: 0,
         }
     }
 
@@ -210,6 +225,33 @@ impl Router {
         self.metrics.subscriptions.set(self.index.len() as i64);
     }
 
+    /// Tells every session whose token has expired to close (4001), and
+    /// stops sending it changes. A scan, once a second: a few microseconds
+    /// for thousands of sessions, and no per-session schedule to keep.
+    fn expire(&mut self, now_secs: u64) {
+        for entry in self.sessions.iter_mut().flatten() {
+            if entry.expires <= now_secs && !entry.closing {
+                entry.closing = true;
+                entry.addr.do_send(ToSession::Expired);
+            }
+        }
+    }
+
+    /// Has one slice of the sessions ping their clients (or drop silent
+    /// ones). Slices spread the pings over the interval: all at once, every
+    /// session's heartbeat and ping would be in memory together, a peak that
+    /// the allocator keeps.
+    fn beat(&mut self) {
+        let slice = (self.beats % BEAT_SLICES) as usize;
+        self.beats += 1;
+        let slices = BEAT_SLICES as usize;
+        for entry in self.sessions.iter().skip(slice).step_by(slices).flatten() {
+            if !entry.closing {
+                entry.addr.do_send(ToSession::Heartbeat);
+            }
+        }
+    }
+
     fn add_interests(&mut self, key: SessionKey, interests: &[Interest]) -> Result<(), String> {
         let max = self.max_interests;
         let entry = self.entry(key).ok_or("session is gone")?;
@@ -230,6 +272,9 @@ impl Router {
                 added.push(interest.clone());
             }
         }
+        // Exactly the room needed: a session's interests live as long as it
+        // does, and the usual growth would give one interest room for four.
+        entry.interests.reserve_exact(added.len());
         entry.interests.extend(added.iter().cloned());
         for interest in &added {
             self.index.insert(interest, key);
@@ -269,8 +314,13 @@ impl Actor for Router {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(ROUTER_MAILBOX);
         self.this = Some(ctx.address());
+        let tick = self.heartbeat / BEAT_SLICES as u32;
+        ctx.run_interval(tick.max(Duration::from_millis(1)), |router, _| {
+            router.beat()
+        });
         ctx.run_interval(HOUSEKEEPING_INTERVAL, |router, _| {
             let now = now_ms();
+            router.expire(now / 1000);
             router.history.trim(now);
             let m = &router.metrics;
             m.history_changes.set(router.history.len() as i64);
@@ -444,7 +494,9 @@ pub struct Hello {
     pub addr: Addr<Session>,
     pub format: Format,
     pub outstanding: Arc<AtomicUsize>,
-    pub connection: Connection,
+    pub connection: Option<Box<Connection>>,
+    /// The token's expiry, seconds since the Unix epoch.
+    pub expires: u64,
     /// The cursor and the (already authorized) interests of a resume.
     pub resume: Option<(WireCursor, Vec<Interest>)>,
 }
@@ -474,6 +526,7 @@ impl Handler<Hello> for Router {
             outstanding: msg.outstanding,
             stamp: 0,
             ahead: Vec::new(),
+            expires: msg.expires,
             connection: msg.connection,
             closing: false,
         });
@@ -634,7 +687,10 @@ impl Handler<CutIfStuck> for Router {
             "slow session did not close in time, cutting its connection session={}",
             msg.id
         );
-        entry.connection.cut();
+        match &entry.connection {
+            Some(connection) => connection.cut(),
+            None => warn!("cannot cut the connection of session={}: not known", msg.id),
+        }
     }
 }
 

@@ -17,10 +17,10 @@ use crate::auth::TokenVerifier;
 use crate::change::now_ms;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::http::{self, AppState, SocketInfo};
+use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::router::{CloseAll, GetState, Router};
-use crate::session::{Connection, SessionShared};
+use crate::session::SessionShared;
 
 /// How long in-flight requests get to finish at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -87,16 +87,7 @@ pub fn run(config: Config, node_id: &str) -> std::io::Result<()> {
         .max_connections(config.limits.max_connections + 1024)
         .disable_signals()
         .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
-        .on_connect(|conn, data| {
-            use std::os::fd::AsRawFd;
-            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-                let _ = tcp.set_nodelay(true);
-                let fd = tcp.as_raw_fd();
-                if let Some(cookie) = Connection::cookie_of(fd) {
-                    data.insert(SocketInfo { fd, cookie });
-                }
-            }
-        })
+        .tcp_nodelay(true)
         .bind(&node.http)
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", node.http)))?
         .run();

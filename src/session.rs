@@ -4,29 +4,36 @@
 //!
 //! Guarantees:
 //! - `hello` must come first, within `limits.hello_timeout_ms`, or the
-//!   session closes with 4001; at the token's `exp` it closes with 4001.
+//!   session closes with 4001; at the token's `exp` (within a second: the
+//!   Router keeps the time) it closes with 4001.
 //! - A catch-up is written before any live change, in chunks of at most
 //!   [`CATCH_UP_CHUNK`] bytes per turn, so a long catch-up costs memory
 //!   only as fast as the client reads it. Live changes that arrive meanwhile
 //!   wait behind it, counted against the outbound budget.
 //! - A client silent for `limits.idle_timeout_ms` (no frame, no pong) is
 //!   dropped and unregistered.
+//!
+//! Timers are the Router's, not the session's: it sends every session a
+//! heartbeat each `limits.ping_interval_ms` and tells it when its token
+//! expires. A timer of its own would cost each idle connection a few hundred
+//! bytes, and idle connections are most of a node's memory.
 //! - Malformed input closes with 4002 and a reason; an oversized frame with
 //!   1009. Neither affects other sessions.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web_actors::ws;
 use log::{debug, warn};
 
 use crate::auth::{AuthError, Grant, TokenVerifier};
-use crate::change::{now_ms, Positioned};
+use crate::change::Positioned;
 use crate::codec::{ClientMessage, Format, Frame, ServerMessage};
 use crate::config::Limits;
+use crate::connection::Connection;
 use crate::interest::Interest;
 use crate::metrics::Metrics;
 use crate::router::{self, Router};
@@ -105,64 +112,6 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// The TCP connection under a session, so that the Router can cut a
-/// connection whose client stopped reading (its actor then never runs, so it
-/// cannot close itself).
-///
-/// The socket is named by its descriptor and its kernel cookie, and the cut
-/// runs on the worker thread that owns it: the descriptor may have been
-/// closed and reused by then, and the cookie check on the owning thread
-/// makes sure only the same socket is ever shut down.
-#[derive(Clone)]
-pub struct Connection {
-    pub fd: i32,
-    pub cookie: u64,
-    pub arbiter: Option<actix::ArbiterHandle>,
-}
-
-impl Connection {
-    pub fn unknown() -> Connection {
-        Connection {
-            fd: -1,
-            cookie: 0,
-            arbiter: None,
-        }
-    }
-
-    /// Reads a socket's cookie: unique for the life of the kernel.
-    pub fn cookie_of(fd: i32) -> Option<u64> {
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: `cookie` and `len` are valid for writes of their sizes.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                &mut cookie as *mut u64 as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        (rc == 0).then_some(cookie)
-    }
-
-    /// Shuts the socket down, if it is still the same socket.
-    pub fn cut(&self) {
-        let (fd, cookie) = (self.fd, self.cookie);
-        let Some(arbiter) = &self.arbiter else { return };
-        if fd < 0 {
-            return;
-        }
-        arbiter.spawn(async move {
-            if Connection::cookie_of(fd) == Some(cookie) {
-                // SAFETY: shutdown on a descriptor this thread's runtime owns
-                // and that is still the same socket; it does not close it.
-                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-            }
-        });
-    }
-}
-
 /// Messages the Router (and the node) send to a session.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -177,6 +126,10 @@ pub enum ToSession {
     /// A control frame (`subscribed`, `error`, ...).
     Frame(Frame),
     Close(CloseCode),
+    /// Time to ping the client, or to drop it if it has been silent too long.
+    Heartbeat,
+    /// The session's token expired.
+    Expired,
 }
 
 enum Stage {
@@ -187,6 +140,10 @@ enum Stage {
     Live,
 }
 
+/// Changes waiting to be written, each with whether it is counted in the
+/// outbound budget.
+type Pending = VecDeque<(Arc<Positioned>, bool)>;
+
 pub struct Session {
     id: u64,
     shared: Arc<SessionShared>,
@@ -195,14 +152,17 @@ pub struct Session {
     grant: Option<Grant>,
     outstanding: Arc<AtomicUsize>,
     /// Catch-up, then live changes that arrived while catch-up was written.
-    /// The flag says whether the change is counted in `outstanding`.
-    pending: VecDeque<(Arc<Positioned>, bool)>,
+    /// The flag says whether the change is counted in `outstanding`. Boxed
+    /// and dropped when empty: most sessions hold nothing here.
+    pending: Option<Box<Pending>>,
     pumping: bool,
-    last_seen: Instant,
+    /// Heartbeats since the client last sent anything (a pong included).
+    silent_beats: u32,
     /// A fragmented message being put together: (is text, bytes so far).
     /// Boxed, since nearly every session never sees one.
     fragment: Option<Box<(bool, bytes::BytesMut)>>,
-    connection: Connection,
+    /// Handed to the Router with `hello`.
+    connection: Option<Box<Connection>>,
     _slot: ConnectionSlot,
 }
 
@@ -210,7 +170,7 @@ impl Session {
     pub fn new(
         shared: Arc<SessionShared>,
         format: Format,
-        connection: Connection,
+        connection: Option<Connection>,
         slot: ConnectionSlot,
     ) -> Session {
         Session {
@@ -220,11 +180,11 @@ impl Session {
             stage: Stage::AwaitingHello,
             grant: None,
             outstanding: Arc::new(AtomicUsize::new(0)),
-            pending: VecDeque::new(),
+            pending: None,
             pumping: false,
-            last_seen: Instant::now(),
+            silent_beats: 0,
             fragment: None,
-            connection,
+            connection: connection.map(Box::new),
             _slot: slot,
         }
     }
@@ -244,7 +204,7 @@ impl Session {
             code: ws::CloseCode::Other(code.code()),
             description: Some(reason[..end].to_string()),
         }));
-        self.pending.clear();
+        self.pending = None;
         ctx.stop();
     }
 
@@ -312,14 +272,21 @@ impl Session {
 
     /// Writes pending changes, a chunk per turn.
     fn pump(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some(mut pending) = self.pending.take() else {
+            self.pumping = false;
+            return;
+        };
         let mut written = 0;
         while written < CATCH_UP_CHUNK {
-            let Some((change, counted)) = self.pending.pop_front() else {
+            let Some((change, counted)) = pending.pop_front() else {
                 break;
             };
             written += self.write_change(ctx, &change, counted);
         }
-        self.pumping = !self.pending.is_empty();
+        self.pumping = !pending.is_empty();
+        if self.pumping {
+            self.pending = Some(pending);
+        }
         if self.pumping {
             ctx.run_later(CATCH_UP_PAUSE, |session, ctx| session.pump(ctx));
         }
@@ -384,15 +351,7 @@ impl Session {
                 return self.close(ctx, CloseCode::Unauthorized, &format!("{reason}: {error}"));
             }
         };
-        let expires_in = Duration::from_secs(grant.exp.saturating_sub(now_ms() / 1000));
-        ctx.run_later(expires_in, |session, ctx| {
-            debug!("session token expired session={}", session.id);
-            session.close(
-                ctx,
-                CloseCode::Unauthorized,
-                "token expired: resume with a fresh one",
-            );
-        });
+        let expires = grant.exp;
         self.grant = Some(grant);
         self.stage = Stage::Welcoming;
 
@@ -409,9 +368,33 @@ impl Session {
             addr: ctx.address(),
             format: self.format,
             outstanding: self.outstanding.clone(),
-            connection: self.connection.clone(),
+            connection: self.connection.take(),
+            expires,
             resume,
         });
+    }
+
+    /// Pings the client, or drops it when it has been silent for longer than
+    /// `limits.idle_timeout_ms`. One beat more than the timeout holds is
+    /// allowed, since the first beat after the client's last frame may come
+    /// at once.
+    fn heartbeat(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let limits = &self.shared.limits;
+        let allowed = limits
+            .idle_timeout_ms
+            .div_ceil(limits.ping_interval_ms.max(1));
+        if u64::from(self.silent_beats) > allowed {
+            debug!("session closed, client silent session={}", self.id);
+            // Likely never read, but a client that was merely stalled
+            // learns why.
+            ctx.close(Some(ws::CloseReason {
+                code: ws::CloseCode::Away,
+                description: Some("no pong in time".into()),
+            }));
+            return ctx.stop();
+        }
+        self.silent_beats = self.silent_beats.saturating_add(1);
+        ctx.ping(b"");
     }
 
     /// Checks interests against the rules and the token, and answers the
@@ -481,21 +464,6 @@ impl Actor for Session {
                 session.close(ctx, CloseCode::Unauthorized, "no hello in time");
             }
         });
-        let idle = limits.idle_timeout();
-        ctx.run_interval(limits.ping_interval(), move |session, ctx| {
-            if session.last_seen.elapsed() > idle {
-                debug!("session closed, client silent session={}", session.id);
-                // Likely never read, but a client that was merely stalled
-                // learns why.
-                ctx.close(Some(ws::CloseReason {
-                    code: ws::CloseCode::Away,
-                    description: Some("no pong in time".into()),
-                }));
-                ctx.stop();
-            } else {
-                ctx.ping(b"");
-            }
-        });
         debug!("session open session={} format={:?}", self.id, self.format);
     }
 
@@ -515,28 +483,37 @@ impl Handler<ToSession> for Session {
             ToSession::Welcome { frame, catch_up } => {
                 self.stage = Stage::Live;
                 self.write(ctx, frame);
+                if catch_up.is_empty() {
+                    return;
+                }
                 self.pending
+                    .get_or_insert_with(Default::default)
                     .extend(catch_up.into_iter().map(|c| (c, false)));
                 if !self.pumping {
                     self.pump(ctx);
                 }
             }
-            ToSession::Change(change) => {
-                if self.pending.is_empty() {
+            ToSession::Change(change) => match &mut self.pending {
+                Some(pending) => pending.push_back((change, true)),
+                None => {
                     self.write_change(ctx, &change, true);
-                } else {
-                    self.pending.push_back((change, true));
                 }
-            }
+            },
             ToSession::Frame(frame) => self.write(ctx, frame),
             ToSession::Close(code) => self.close(ctx, code, ""),
+            ToSession::Heartbeat => self.heartbeat(ctx),
+            ToSession::Expired => {
+                debug!("session token expired session={}", self.id);
+                let reason = "token expired: resume with a fresh one";
+                self.close(ctx, CloseCode::Unauthorized, reason);
+            }
         }
     }
 }
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        self.last_seen = Instant::now();
+        self.silent_beats = 0;
         let parsed = match item {
             Ok(ws::Message::Text(text)) => ClientMessage::from_json(text.as_bytes()),
             Ok(ws::Message::Binary(bytes)) => ClientMessage::from_msgpack(&bytes),

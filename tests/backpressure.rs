@@ -1,7 +1,8 @@
 //! Clients that do not keep up: one that stops reading is closed with 4008
 //! once it holds its outbound budget, while the others keep receiving
-//! everything; one that stops answering pings is dropped after the idle
-//! timeout, while one that answers stays.
+//! everything; one that never reads again has its connection cut; one that
+//! stops answering pings is dropped after the idle timeout, while one that
+//! answers stays.
 
 mod common;
 
@@ -90,6 +91,55 @@ async fn a_client_that_stops_reading_is_closed_with_4008_and_others_get_everythi
     })
     .await;
     drop(fast);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_again_has_its_connection_cut() {
+    let node = Node::start(|c| c.limits.outbound_budget_bytes = BUDGET).await;
+    let options = ConnectOptions {
+        recv_buffer: Some(4096),
+    };
+    let mut stuck = Client::connect_with(&node, Some(Wire::Json.protocol()), options).await;
+    stuck.hello(&token_all(), None).await;
+    stuck.subscribe(1, json!([{"workspace": "w"}])).await;
+
+    let payload = "x".repeat(1000);
+    let batch = json!(vec![json!({"workspace": "w", "data": payload}); 10]);
+    let started = Instant::now();
+    while node.metric("ripple_slow_closes_total").await < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the stuck client was not closed"
+        );
+        node.publish(batch.clone()).await;
+    }
+
+    // Its session cannot write the 4008 close (the socket is full), so it
+    // cannot end by itself: the node cuts the connection a few seconds on,
+    // and the session is gone without the client reading a byte.
+    let closed_at = Instant::now();
+    eventually(
+        "the stuck connection to be cut",
+        Duration::from_secs(10),
+        || async { node.metric("ripple_connections").await == 0.0 },
+    )
+    .await;
+    assert!(
+        closed_at.elapsed() >= Duration::from_secs(2),
+        "cut only after the grace a slow client gets to go by itself"
+    );
+    assert_eq!(node.metric("ripple_sessions").await, 0.0);
+
+    // What the client finds when it reads at last: what was buffered, then
+    // the end of the connection.
+    let (ended, read) = stuck.ended().await;
+    println!("the stuck client read {read} messages, then {ended:?}");
+
+    // The node goes on serving.
+    let mut fresh = Client::connect_hello(&node, Wire::Json).await;
+    fresh.subscribe(1, json!([{"workspace": "w"}])).await;
+    let pos = node.publish_one(json!({"workspace": "w"})).await;
+    assert_eq!(pos_of(&fresh.next_change().await), pos);
 }
 
 #[tokio::test]

@@ -108,6 +108,55 @@ impl Seen {
 
 type Shared = Arc<Mutex<Seen>>;
 
+/// What a test asks of any client: to wait for what it has seen, and to
+/// check it.
+pub trait Observed {
+    fn name(&self) -> &str;
+    fn shared(&self) -> &Shared;
+
+    async fn wait(&self, what: &str, done: impl Fn(&Seen) -> bool) {
+        wait_seen(self.name(), self.shared(), what, WAIT, done).await
+    }
+
+    /// Waits until the client has every one of `positions`.
+    async fn wait_for_all(&self, positions: &[Pos]) {
+        self.wait_for_all_within(positions, WAIT).await
+    }
+
+    async fn wait_for_all_within(&self, positions: &[Pos], limit: Duration) {
+        let what = format!("{} changes", positions.len());
+        let done = |s: &Seen| positions.iter().all(|p| s.has(p));
+        wait_seen(self.name(), self.shared(), &what, limit, done).await
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.shared().lock().unwrap()
+    }
+
+    /// Each of `expected` once, each origin in order, nothing else.
+    fn assert_exact(&self, expected: &[Pos]) {
+        assert_exact(self.name(), &self.seen(), expected);
+    }
+}
+
+impl Observed for Tap {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn shared(&self) -> &Shared {
+        &self.seen
+    }
+}
+
+impl Observed for Listener {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn shared(&self) -> &Shared {
+        &self.seen
+    }
+}
+
 /// Waits until `done` holds for what `client` has seen.
 async fn wait_seen(
     name: &str,
@@ -281,25 +330,6 @@ impl Tap {
         let _ = self.outgoing.send(message);
     }
 
-    pub async fn wait(&self, what: &str, done: impl Fn(&Seen) -> bool) {
-        wait_seen(&self.name, &self.seen, what, WAIT, done).await
-    }
-
-    /// Waits until the tap has every one of `positions`.
-    pub async fn wait_for_all(&self, positions: &[Pos]) {
-        self.wait_for_all_within(positions, WAIT).await
-    }
-
-    pub async fn wait_for_all_within(&self, positions: &[Pos], limit: Duration) {
-        let what = format!("{} changes", positions.len());
-        let done = |s: &Seen| positions.iter().all(|p| s.has(p));
-        wait_seen(&self.name, &self.seen, &what, limit, done).await
-    }
-
-    pub fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
-        self.seen.lock().unwrap()
-    }
-
     /// The cursor after every change received.
     pub fn cursor(&self) -> WireCursor {
         let mut cursor = self.start_cursor.clone();
@@ -307,10 +337,6 @@ impl Tap {
             cursor.insert(origin.clone(), (*epoch, *seq));
         }
         cursor
-    }
-
-    pub fn assert_exact(&self, expected: &[Pos]) {
-        assert_exact(&self.name, &self.seen(), expected);
     }
 
     /// The close code, once the connection ended (`Some(None)`: cut).
@@ -484,30 +510,8 @@ impl Listener {
         listener
     }
 
-    pub async fn wait(&self, what: &str, done: impl Fn(&Seen) -> bool) {
-        wait_seen(&self.name, &self.seen, what, WAIT, done).await
-    }
-
-    pub async fn wait_for_all(&self, positions: &[Pos]) {
-        self.wait_for_all_within(positions, WAIT).await
-    }
-
-    pub async fn wait_for_all_within(&self, positions: &[Pos], limit: Duration) {
-        let what = format!("{} changes", positions.len());
-        let done = |s: &Seen| positions.iter().all(|p| s.has(p));
-        wait_seen(&self.name, &self.seen, &what, limit, done).await
-    }
-
-    pub fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
-        self.seen.lock().unwrap()
-    }
-
     pub fn cursor(&self) -> WireCursor {
         self.cursor.lock().unwrap().clone()
-    }
-
-    pub fn assert_exact(&self, expected: &[Pos]) {
-        assert_exact(&self.name, &self.seen(), expected);
     }
 
     pub async fn close(mut self) {

@@ -12,7 +12,7 @@ mod harness;
 
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use clients::{Listener, Tap};
+use clients::{Listener, Observed, Tap};
 use harness::{Cluster, Pos, Pub, Want};
 use ripple::codec::Format;
 

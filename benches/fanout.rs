@@ -31,15 +31,22 @@
 //! frame carrying several changes counts as several deliveries.
 //!
 //! Scenarios (all by default; name some as arguments, `cargo bench --bench
-//! fanout -- idle`, or in `RIPPLE_BENCH_SCENARIOS=fanout,idle`):
+//! fanout -- idle`, or in `RIPPLE_BENCH_SCENARIOS=fanout,cluster`):
 //!
 //! - `fanout`: 10,000 clients over 100 lists, publishers to random lists, 5 s
 //!   of warm-up, 20 s measured. Targets: >= 130,000 deliveries per node
 //!   CPU-second (<= 7.5 µs of node CPU per delivery), p99 < 50 ms.
 //! - `idle`: 19,000 connections that said hello and subscribed one list, and
 //!   then do nothing. Target: < 12 KiB of node memory per connection.
+//! - `cluster`: the fanout over a cluster of `NODES` (3) nodes linked by
+//!   their ZeroMQ bus: 50,000 clients spread round-robin over the nodes,
+//!   publishers at every node, the clients in as many processes as needed.
+//!   Deliveries per node CPU-second count the CPU of all the nodes. Targets:
+//!   at least 80% of the single node's figure (printed when `fanout` ran in
+//!   the same invocation), p99 < 100 ms.
 //!
-//! `RIPPLE_BENCH_QUICK=1` shrinks both to a smoke run of a few seconds.
+//! `RIPPLE_BENCH_QUICK=1` shrinks every scenario to a smoke run of a few
+//! seconds.
 //! Other knobs, all environment variables with the `RIPPLE_BENCH_` prefix:
 //! `CLIENTS`, `LISTS`, `IDLE` (connections), `PER_CHILD`, `PUBLISHERS`,
 //! `BATCH` (changes per request), `RATE` (changes per second over all
@@ -47,12 +54,10 @@
 //! of data per change), `WARMUP_SECS`, `SECS`, `FORMAT` (`json` or
 //! `msgpack` frames to clients), `HTTP_WORKERS` (the node's), `PING_MS`
 //! (the node's ping interval; in `idle`, holds the connections for `SECS`
-//! to show what hours of pings do to memory), `NODES`.
-//!
-//! Not yet: several nodes. The node processes are kept in a list and clients
-//! and publishers take a list of addresses, spread round-robin, so that a
-//! cluster run is a matter of writing a cluster config; until the cluster
-//! exists, `RIPPLE_BENCH_NODES` must be 1.
+//! to show what hours of pings do to memory), `NODES` (of `cluster`),
+//! `CLUSTER_CLIENTS`, `CLUSTER_PUBLISHERS`, and `NODE_CPUS` and `LOAD_CPUS`:
+//! CPU lists (`0`, `0,1`) to pin the nodes and the load generator to, so that
+//! the two do not preempt each other (unpinned by default).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -109,9 +114,32 @@ fn env_or<T: FromStr>(name: &str, default: T) -> T {
     }
 }
 
+/// Every scenario, in the order they run by default.
+const SCENARIOS: [&str; 3] = ["fanout", "idle", "cluster"];
+
+/// A CPU list such as `0` or `0,1` from the environment.
+fn cpu_list(name: &str) -> Option<Vec<usize>> {
+    let text = std::env::var(name).ok().filter(|t| !t.is_empty())?;
+    let cpus = text
+        .split(',')
+        .map(|c| {
+            c.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}={text:?}: give CPU numbers such as 0,1"))
+        })
+        .collect();
+    Some(cpus)
+}
+
 struct Settings {
     scenarios: Vec<String>,
+    /// Nodes of the `cluster` scenario.
     nodes: usize,
+    cluster_clients: usize,
+    cluster_publishers: usize,
+    /// CPUs to pin the nodes and the load generator to.
+    node_cpus: Option<Vec<usize>>,
+    load_cpus: Option<Vec<usize>>,
     http_workers: usize,
     clients: usize,
     lists: usize,
@@ -136,13 +164,14 @@ impl Settings {
             .filter(|a| !a.starts_with("--"))
             .collect();
         if scenarios.is_empty() {
-            let listed: String = env_or("RIPPLE_BENCH_SCENARIOS", "fanout,idle".to_string());
+            let listed: String = env_or("RIPPLE_BENCH_SCENARIOS", SCENARIOS.join(","));
             scenarios = listed.split(',').map(|s| s.trim().to_string()).collect();
         }
         for s in &scenarios {
             assert!(
-                s == "fanout" || s == "idle",
-                "unknown scenario {s:?}: the scenarios are fanout and idle"
+                SCENARIOS.contains(&s.as_str()),
+                "unknown scenario {s:?}: the scenarios are {}",
+                SCENARIOS.join(", ")
             );
         }
         let format: String = env_or("RIPPLE_BENCH_FORMAT", "json".to_string());
@@ -152,7 +181,14 @@ impl Settings {
         );
         Settings {
             scenarios,
-            nodes: env_or("RIPPLE_BENCH_NODES", 1),
+            nodes: env_or("RIPPLE_BENCH_NODES", 3),
+            cluster_clients: env_or(
+                "RIPPLE_BENCH_CLUSTER_CLIENTS",
+                if quick { 3_000 } else { 50_000 },
+            ),
+            cluster_publishers: env_or("RIPPLE_BENCH_CLUSTER_PUBLISHERS", 6),
+            node_cpus: cpu_list("RIPPLE_BENCH_NODE_CPUS"),
+            load_cpus: cpu_list("RIPPLE_BENCH_LOAD_CPUS"),
             http_workers: env_or("RIPPLE_BENCH_HTTP_WORKERS", 1),
             clients: env_or("RIPPLE_BENCH_CLIENTS", if quick { 1_000 } else { 10_000 }),
             lists: env_or("RIPPLE_BENCH_LISTS", 100),
@@ -184,16 +220,46 @@ fn orchestrate() {
     let dir = std::env::temp_dir().join(format!("ripple-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("cannot create the bench's temp dir");
     println!(
-        "ripple fanout bench: node {} (http_workers={}), {} cores, scenarios {}",
+        "ripple fanout bench: node {} (http_workers={}), {} cores, scenarios {}, \
+         nodes on CPUs {}, load generator on CPUs {}",
         bin.display(),
         settings.http_workers,
         cores(),
-        settings.scenarios.join(",")
+        settings.scenarios.join(","),
+        cpus_text(&settings.node_cpus),
+        cpus_text(&settings.load_cpus)
     );
+    if let Some(cpus) = &settings.load_cpus {
+        pin(cpus).expect("cannot pin the load generator to RIPPLE_BENCH_LOAD_CPUS");
+    }
+    let mut single = None;
     for scenario in settings.scenarios.clone() {
+        let one = Shape {
+            nodes: 1,
+            clients: settings.clients,
+            publishers: settings.publishers,
+        };
         match scenario.as_str() {
-            "fanout" => fanout(&settings, &bin, &dir),
-            _ => idle(&settings, &bin, &dir),
+            "fanout" => single = Some(fanout(&settings, &bin, &dir, &one)),
+            "idle" => idle(&settings, &bin, &dir),
+            _ => {
+                let shape = Shape {
+                    nodes: settings.nodes.max(2),
+                    clients: settings.cluster_clients,
+                    publishers: settings.cluster_publishers,
+                };
+                let per_cpu = fanout(&settings, &bin, &dir, &shape);
+                match single {
+                    Some(single) => println!(
+                        "   against one node    {:.0}% of the single node's deliveries per node \
+                         CPU-second  (target >= 80%)",
+                        per_cpu / single * 100.0
+                    ),
+                    None => println!(
+                        "   against one node    run `fanout` in the same invocation to compare"
+                    ),
+                }
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -212,17 +278,30 @@ fn node_binary() -> PathBuf {
     bin
 }
 
-fn fanout(settings: &Settings, bin: &Path, dir: &Path) {
-    let clients = settings.clients;
+/// How many nodes, clients and publishers a fanout run has.
+struct Shape {
+    nodes: usize,
+    clients: usize,
+    publishers: usize,
+}
+
+/// Runs one fanout and prints it; returns deliveries per node CPU-second.
+fn fanout(settings: &Settings, bin: &Path, dir: &Path, shape: &Shape) -> f64 {
+    let clients = shape.clients;
     let lists = settings.lists.max(1);
+    let name = if shape.nodes == 1 {
+        "fanout"
+    } else {
+        "cluster"
+    };
     println!();
     println!(
-        "== fanout: {clients} clients on {} node(s) over {lists} lists ({} per list), {} frames",
-        settings.nodes,
+        "== {name}: {clients} clients on {} node(s) over {lists} lists ({} per list), {} frames",
+        shape.nodes,
         clients / lists,
         settings.format
     );
-    let nodes = start_nodes(settings, bin, dir);
+    let nodes = start_nodes(settings, shape.nodes, bin, dir);
     let rss_before: u64 = nodes.iter().map(|n| n.rss_kib()).sum();
 
     let opened = Instant::now();
@@ -240,7 +319,7 @@ fn fanout(settings: &Settings, bin: &Path, dir: &Path) {
         "publish",
         &[
             ("RIPPLE_BENCH_HTTP", http.join(",")),
-            ("RIPPLE_BENCH_PUBLISHERS", settings.publishers.to_string()),
+            ("RIPPLE_BENCH_PUBLISHERS", shape.publishers.to_string()),
             ("RIPPLE_BENCH_BATCH", settings.batch.to_string()),
             ("RIPPLE_BENCH_RATE", settings.rate.to_string()),
             ("RIPPLE_BENCH_PAYLOAD", settings.payload.to_string()),
@@ -250,7 +329,7 @@ fn fanout(settings: &Settings, bin: &Path, dir: &Path) {
     std::thread::sleep(settings.warmup);
 
     // The window.
-    let node_cpu0: f64 = nodes.iter().map(NodeProc::cpu).sum();
+    let node_cpu0: Vec<f64> = nodes.iter().map(NodeProc::cpu).collect();
     let clients_cpu0: f64 = workers.iter().map(Worker::cpu).sum();
     let publish_cpu0 = publisher.cpu();
     let delivered0: f64 = nodes.iter().map(|n| n.metric("deliveries_total")).sum();
@@ -265,7 +344,7 @@ fn fanout(settings: &Settings, bin: &Path, dir: &Path) {
         w.send("stop");
     }
     let secs = started.elapsed().as_secs_f64();
-    let node_cpu = nodes.iter().map(NodeProc::cpu).sum::<f64>() - node_cpu0;
+    let node_cpu = nodes.iter().map(NodeProc::cpu).sum::<f64>() - node_cpu0.iter().sum::<f64>();
     let clients_cpu = workers.iter().map(Worker::cpu).sum::<f64>() - clients_cpu0;
     let publish_cpu = publisher.cpu() - publish_cpu0;
     let delivered_node = nodes
@@ -302,7 +381,7 @@ fn fanout(settings: &Settings, bin: &Path, dir: &Path) {
     };
     println!(
         "   publishers {} x batch {} ({pacing}), payload +{} B, warm-up {} s, measured {secs:.1} s",
-        settings.publishers,
+        shape.publishers,
         settings.batch,
         settings.payload,
         settings.warmup.as_secs()
@@ -321,8 +400,13 @@ fn fanout(settings: &Settings, bin: &Path, dir: &Path) {
         thousands(delivered_node / secs),
         thousands(changes as f64 * clients as f64 / lists as f64 / secs)
     );
+    let (p99_target, cpu_target) = if shape.nodes == 1 {
+        ("50 ms", "  (target >= 130,000, <= 7.5 µs)")
+    } else {
+        ("100 ms", "")
+    };
     println!(
-        "   latency             p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (target p99 < 50 ms)",
+        "   latency             p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (target p99 < {p99_target})",
         ms(latency.value_at_quantile(0.5)),
         ms(latency.value_at_quantile(0.9)),
         ms(latency.value_at_quantile(0.99)),
@@ -332,12 +416,20 @@ fn fanout(settings: &Settings, bin: &Path, dir: &Path) {
     let per_cpu = deliveries as f64 / node_cpu.max(1e-9);
     println!(
         "   node CPU            {node_cpu:.2} s in {secs:.1} s ({:.0}% of a core): {} deliveries \
-         per node CPU-second, {:.2} µs per delivery  (target >= 130,000, <= 7.5 µs)",
+         per node CPU-second, {:.2} µs per delivery{cpu_target}",
         node_cpu / secs * 100.0,
         thousands(per_cpu),
         1e6 / per_cpu.max(1e-9)
     );
-    println!("   node threads        {threads}");
+    if nodes.len() > 1 {
+        let each: Vec<String> = nodes
+            .iter()
+            .zip(&node_cpu0)
+            .map(|(n, before)| format!("{} {:.2} s", n.id, n.cpu() - before))
+            .collect();
+        println!("   CPU per node        {}", each.join(", "));
+    }
+    println!("   {:<19} {threads}", format!("{} threads", nodes[0].id));
     println!(
         "   node memory         RSS {} before, {} with {ok} clients: {:.1} KiB per connection",
         mib(rss_before),
@@ -361,17 +453,15 @@ fn fanout(settings: &Settings, bin: &Path, dir: &Path) {
     for n in nodes {
         n.stop();
     }
+    per_cpu
 }
 
 fn idle(settings: &Settings, bin: &Path, dir: &Path) {
     let count = settings.idle;
     let lists = settings.lists.max(1);
     println!();
-    println!(
-        "== idle: {count} connections on {} node(s), each said hello and subscribed one list",
-        settings.nodes
-    );
-    let nodes = start_nodes(settings, bin, dir);
+    println!("== idle: {count} connections on one node, each said hello and subscribed one list");
+    let nodes = start_nodes(settings, 1, bin, dir);
     std::thread::sleep(Duration::from_millis(500));
     let rss_before: u64 = nodes.iter().map(|n| n.rss_kib()).sum();
 
@@ -486,51 +576,117 @@ fn wait_ready(workers: &mut [Worker]) -> (u64, u64) {
 
 /// One node process.
 struct NodeProc {
+    id: String,
     http: String,
     child: Child,
     log: PathBuf,
 }
 
-/// Starts the nodes of a run: one, until the cluster exists.
-fn start_nodes(settings: &Settings, bin: &Path, dir: &Path) -> Vec<NodeProc> {
-    assert!(
-        settings.nodes == 1,
-        "RIPPLE_BENCH_NODES={}: only single-node runs exist until the cluster does",
-        settings.nodes
+/// Starts `count` nodes: one with no bus, or a cluster of them linked by
+/// their buses, all from one config; returns once every node answers and,
+/// in a cluster, sees all its peers up.
+fn start_nodes(settings: &Settings, count: usize, bin: &Path, dir: &Path) -> Vec<NodeProc> {
+    let mut config = format!(
+        "[cluster]\nhttp_workers = {}\n\
+         [history]\nmax_changes = 100000\nmax_age_secs = 600\n\
+         [limits]\nmax_connections = 19500\n{}",
+        settings.http_workers,
+        settings
+            .ping_ms
+            .map_or(String::new(), |ms| format!("ping_interval_ms = {ms}\n"))
     );
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let config = dir.join(format!("node-{port}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "[cluster]\nhttp_workers = {}\n\
-             [history]\nmax_changes = 100000\nmax_age_secs = 600\n\
-             [limits]\nmax_connections = 19500\n{}\
-             [[nodes]]\nid = \"n1\"\nhttp = \"{http}\"\n",
-            settings.http_workers,
-            settings
-                .ping_ms
-                .map_or(String::new(), |ms| format!("ping_interval_ms = {ms}\n"))
-        ),
-    )
-    .expect("cannot write the node config");
-    let log = dir.join(format!("node-{port}.log"));
-    let child = Command::new(bin)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("cannot create the node log"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    let node = NodeProc { http, child, log };
-    node.wait_healthy();
-    vec![node]
+    let mut nodes = Vec::new();
+    for k in 1..=count {
+        let http = format!("127.0.0.1:{}", free_port());
+        config.push_str(&format!("[[nodes]]\nid = \"n{k}\"\nhttp = \"{http}\"\n"));
+        if count > 1 {
+            config.push_str(&format!(
+                "bus = \"tcp://127.0.0.1:{}\"\nrepair = \"tcp://127.0.0.1:{}\"\n",
+                free_port(),
+                free_port()
+            ));
+        }
+        nodes.push((format!("n{k}"), http));
+    }
+    let path = dir.join(format!("nodes-{}.toml", free_port()));
+    std::fs::write(&path, config).expect("cannot write the node config");
+
+    let nodes: Vec<NodeProc> = nodes
+        .into_iter()
+        .map(|(id, http)| {
+            let log = dir.join(format!("{id}-{}.log", free_port()));
+            let mut command = Command::new(bin);
+            command
+                .args(["serve", "--config"])
+                .arg(&path)
+                .args(["--node", &id])
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("cannot create the node log"));
+            // Nodes leave the load generator's CPUs unless given their own.
+            let all = || (0..cores()).collect();
+            let cpus =
+                (settings.node_cpus.clone()).or_else(|| settings.load_cpus.as_ref().map(|_| all()));
+            if let Some(cpus) = cpus {
+                pin_child(&mut command, cpus);
+            }
+            let child = command
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+            NodeProc {
+                id,
+                http,
+                child,
+                log,
+            }
+        })
+        .collect();
+    for node in &nodes {
+        node.wait_healthy(count - 1);
+    }
+    nodes
+}
+
+/// Pins this process (and the threads and children it makes from now on)
+/// to `cpus`.
+fn pin(cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data, valid when zeroed; CPU_SET writes
+    // inside it, and sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Has a child pin itself to `cpus` before it starts.
+fn pin_child(command: &mut Command, cpus: Vec<usize>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure only calls sched_setaffinity, which is safe
+    // between fork and exec.
+    unsafe {
+        command.pre_exec(move || pin(&cpus));
+    }
+}
+
+fn cpus_text(cpus: &Option<Vec<usize>>) -> String {
+    match cpus {
+        Some(cpus) => cpus
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        None => "any".into(),
+    }
 }
 
 impl NodeProc {
@@ -538,18 +694,26 @@ impl NodeProc {
         self.child.id()
     }
 
-    fn wait_healthy(&self) {
+    /// Waits until the node answers `/healthz` and reports `peers` peers,
+    /// every one of them up.
+    fn wait_healthy(&self, peers: usize) {
         let deadline = Instant::now() + NODE_START_TIMEOUT;
         while Instant::now() < deadline {
-            if matches!(http_get(&self.http, "/healthz"), Some((200, _))) {
-                return;
+            if let Some((200, body)) = http_get(&self.http, "/healthz") {
+                let health: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                let up = health["peers"].as_array().map_or(0, |p| {
+                    p.iter().filter(|p| p["up"].as_bool() == Some(true)).count()
+                });
+                if up == peers {
+                    return;
+                }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         panic!(
-            "the node at {} never answered /healthz; its log:\n{log}",
-            self.http
+            "node {} at {} never answered /healthz with its {peers} peers up; its log:\n{log}",
+            self.id, self.http
         );
     }
 

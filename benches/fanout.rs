@@ -496,7 +496,7 @@ fn idle(settings: &Settings, bin: &Path, dir: &Path) {
         mib(rss_after)
     );
 
-    // Idle cost: pings every ping_interval_ms (10 s by default). With
+    // Idle cost: pings every ping_interval_ms (25 s by default). With
     // RIPPLE_BENCH_PING_MS the pings come faster and the whole window is
     // held, which ages the connections: memory after hours of pings.
     let hold = match settings.ping_ms {
@@ -517,7 +517,7 @@ fn idle(settings: &Settings, bin: &Path, dir: &Path) {
         closed += w.report().count("closed");
     }
     let rss_held: u64 = nodes.iter().map(|n| n.rss_kib()).sum();
-    let ping_ms = settings.ping_ms.unwrap_or(10_000);
+    let ping_ms = settings.ping_ms.unwrap_or(25_000);
     println!(
         "   held {:.0} s          pings every {ping_ms} ms: node CPU {node_cpu:.2} s, clients CPU \
          {clients_cpu:.2} s, {closed} connections closed; RSS {}: {:.2} KiB per connection",

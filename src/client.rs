@@ -198,7 +198,7 @@ pub struct ClientConfig {
     pub buffer: usize,
     /// How long the node may stay silent (not even a ping) before the
     /// client gives up on the connection and reconnects. Default 60 s;
-    /// nodes ping every 10 s by default.
+    /// nodes ping every 25 s by default.
     pub idle_timeout: Duration,
 }
 

@@ -13,6 +13,15 @@
 //! them ([`Action::SkipTo`]): history then refuses to prove complete any
 //! resume whose cursor lies before the skip, so nothing is lost silently.
 //!
+//! A new epoch of an origin (it restarted) does not start at once: the old
+//! epoch may have a tail that this node missed and that only another peer
+//! holds (the origin forgot it). The intake first asks every peer how far
+//! it holds the old epoch ([`Action::Settle`]), repairs up to there, and only
+//! then opens the new epoch, whose changes meanwhile are dropped and fetched
+//! again by repair afterwards. So sessions see the old epoch's tail before
+//! the new epoch, never after. A tail that no reachable peer holds is
+//! skipped visibly, as above.
+//!
 //! Bounds: at most `max_held` changes are held per origin; beyond that they
 //! are dropped and fetched again by the repair that follows. One repair is in
 //! flight per origin at a time.
@@ -48,6 +57,9 @@ pub enum Action {
         from: u64,
         to: u64,
     },
+    /// The origin has moved past this epoch: ask every peer but the origin
+    /// how far they hold it, and answer with [`Intake::on_settled`].
+    Settle { origin: Arc<str>, epoch: u64 },
 }
 
 /// What a peer answered to a repair request.
@@ -55,6 +67,8 @@ pub enum Action {
 pub struct Repaired {
     /// The peer holds every change of the epoch after `base`.
     pub base: u64,
+    /// The last seq of the epoch the peer holds.
+    pub last: u64,
     /// The changes asked for (or the part the peer holds), in seq order.
     pub changes: Vec<Arc<Positioned>>,
 }
@@ -67,6 +81,19 @@ struct Track {
     known: u64,
     held: BTreeMap<u64, Arc<Positioned>>,
     repairing: bool,
+    /// A newer epoch of the origin, waiting until this one is settled.
+    next: Option<NextEpoch>,
+    /// A [`Action::Settle`] is out.
+    settling: bool,
+}
+
+/// What is known of an origin's newer epoch while the current one is being
+/// settled.
+#[derive(Debug)]
+struct NextEpoch {
+    epoch: u64,
+    /// The highest seq seen of it.
+    known: u64,
 }
 
 pub struct Intake {
@@ -93,30 +120,94 @@ impl Intake {
         self.origins.get(origin).map(|t| (t.epoch, t.last))
     }
 
-    /// Starts tracking a new epoch of `origin` (dropping an older one).
-    fn begin(&mut self, origin: &Arc<str>, epoch: u64) {
-        let track = self.origins.entry(origin.clone()).or_default();
-        if track.epoch != 0 && track.known > track.last {
-            // The tail of the old epoch never arrived.
+    /// Notes that `origin` has a newer epoch than the one tracked; the first
+    /// time, asks for the tracked one to be settled. The newer epoch's
+    /// changes are not kept: repair fetches them once it is opened.
+    fn defer(&mut self, origin: &Arc<str>, epoch: u64, seq: u64, out: &mut Vec<Action>) {
+        let track = self.origins.get_mut(origin).expect("tracked");
+        match &mut track.next {
+            Some(next) if next.epoch == epoch => next.known = next.known.max(seq),
+            // One newer still (the origin restarted twice): its heartbeats
+            // name it again once the next epoch is the tracked one, and it
+            // is settled in turn.
+            Some(_) => {}
+            None => {
+                track.next = Some(NextEpoch { epoch, known: seq });
+                track.settling = true;
+                out.push(Action::Settle {
+                    origin: origin.clone(),
+                    epoch: track.epoch,
+                });
+            }
+        }
+    }
+
+    /// Leaves a settled epoch for the next one: a tail still missing is
+    /// skipped visibly, and the next epoch is opened or repaired from seq 1.
+    fn advance(&mut self, origin: &Arc<str>, out: &mut Vec<Action>) {
+        let track = self.origins.get_mut(origin).expect("tracked");
+        let Some(next) = track.next.take() else {
+            return;
+        };
+        if track.known > track.last {
             self.lost += track.known - track.last;
+            out.push(Action::SkipTo {
+                origin: origin.clone(),
+                epoch: track.epoch,
+                base: track.known,
+            });
         }
         *track = Track {
-            epoch,
+            epoch: next.epoch,
+            known: next.known,
             ..Track::default()
         };
+        if next.known == 0 {
+            out.push(Action::Open {
+                origin: origin.clone(),
+                epoch: next.epoch,
+                base: 0,
+            });
+        }
+        request_repair(origin, track, out);
+    }
+
+    /// Advances past a settled epoch once everything known of it is in.
+    fn advance_if_settled(&mut self, origin: &Arc<str>, out: &mut Vec<Action>) {
+        let track = self.origins.get_mut(origin).expect("tracked");
+        if track.next.is_none() || track.settling {
+            return;
+        }
+        if track.last >= track.known {
+            self.advance(origin, out);
+        } else {
+            request_repair(origin, track, out);
+        }
     }
 
     pub fn on_change(&mut self, change: Arc<Positioned>) -> Vec<Action> {
         let mut out = Vec::new();
         let origin = change.pos.origin.clone();
         let (epoch, seq) = (change.pos.epoch, change.pos.seq);
-        let current = self.origins.get(&origin).map(|t| t.epoch);
-        if current.is_some_and(|e| epoch < e) {
-            self.repeats += 1; // an epoch that has ended
-            return out;
-        }
-        if current != Some(epoch) {
-            self.begin(&origin, epoch);
+        match self.origins.get(&origin).map(|t| t.epoch) {
+            Some(current) if epoch < current => {
+                self.repeats += 1; // an epoch that has ended
+                return out;
+            }
+            Some(current) if epoch > current => {
+                self.defer(&origin, epoch, seq, &mut out);
+                return out;
+            }
+            Some(_) => {}
+            None => {
+                self.origins.insert(
+                    origin.clone(),
+                    Track {
+                        epoch,
+                        ..Track::default()
+                    },
+                );
+            }
         }
         let max_held = self.max_held;
         let track = self.origins.get_mut(&origin).expect("tracked above");
@@ -139,24 +230,50 @@ impl Intake {
     /// An origin said it has published up to `seq` in `epoch`.
     pub fn on_heartbeat(&mut self, origin: &Arc<str>, epoch: u64, seq: u64) -> Vec<Action> {
         let mut out = Vec::new();
-        let current = self.origins.get(origin).map(|t| t.epoch);
-        if current.is_some_and(|e| epoch < e) {
-            return out;
-        }
-        if current != Some(epoch) {
-            self.begin(origin, epoch);
-            if seq == 0 {
-                // An epoch with nothing published yet: known complete.
-                out.push(Action::Open {
-                    origin: origin.clone(),
-                    epoch,
-                    base: 0,
-                });
+        match self.origins.get(origin).map(|t| t.epoch) {
+            Some(current) if epoch < current => return out,
+            Some(current) if epoch > current => {
+                self.defer(origin, epoch, seq, &mut out);
+                return out;
+            }
+            Some(_) => {}
+            None => {
+                self.origins.insert(
+                    origin.clone(),
+                    Track {
+                        epoch,
+                        ..Track::default()
+                    },
+                );
+                if seq == 0 {
+                    // An epoch with nothing published yet: known complete.
+                    out.push(Action::Open {
+                        origin: origin.clone(),
+                        epoch,
+                        base: 0,
+                    });
+                }
             }
         }
         let track = self.origins.get_mut(origin).expect("tracked above");
         track.known = track.known.max(seq);
         request_repair(origin, track, &mut out);
+        out
+    }
+
+    /// The answer to [`Action::Settle`]: the furthest seq of `epoch` that a
+    /// peer holds, `None` when no peer holds any of it.
+    pub fn on_settled(&mut self, origin: &Arc<str>, epoch: u64, end: Option<u64>) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(track) = self.origins.get_mut(origin) else {
+            return out;
+        };
+        if track.epoch != epoch || !track.settling {
+            return out;
+        }
+        track.settling = false;
+        track.known = track.known.max(end.unwrap_or(0));
+        self.advance_if_settled(origin, &mut out);
         out
     }
 
@@ -176,8 +293,15 @@ impl Intake {
             return out;
         }
         track.repairing = false;
-        let Some(repaired) = repaired else { return out };
+        let Some(repaired) = repaired else {
+            if track.next.is_some() && !track.settling {
+                // Nobody holds the rest of an epoch its origin has left.
+                self.advance(origin, &mut out);
+            }
+            return out;
+        };
 
+        track.known = track.known.max(repaired.last);
         if repaired.base > track.last {
             // Nobody holds (last, base]: move past it, visibly.
             self.lost += repaired.base - track.last;
@@ -203,6 +327,7 @@ impl Intake {
         }
         drain(track, &mut out);
         request_repair(origin, track, &mut out);
+        self.advance_if_settled(origin, &mut out);
         out
     }
 }
@@ -312,6 +437,7 @@ mod tests {
         let origin: Arc<str> = "n2".into();
         let repaired = Repaired {
             base: 0,
+            last: 3,
             changes: vec![change(1, 2), change(1, 3)],
         };
         let actions = intake.on_repaired(&origin, 1, Some(repaired));
@@ -338,6 +464,7 @@ mod tests {
         let origin: Arc<str> = "n2".into();
         let repaired = Repaired {
             base: 5,
+            last: 9,
             changes: (6..=9).map(|s| change(7, s)).collect(),
         };
         let actions = intake.on_repaired(&origin, 7, Some(repaired));
@@ -347,14 +474,71 @@ mod tests {
     }
 
     #[test]
-    fn a_new_epoch_starts_over() {
+    fn a_new_epoch_waits_until_the_old_one_is_settled() {
         let mut intake = Intake::new(100);
+        let origin: Arc<str> = "n2".into();
         intake.on_change(change(1, 1));
         let actions = intake.on_change(change(2, 1));
-        assert_eq!(applied(&actions), vec![1]);
+        assert!(applied(&actions).is_empty(), "the new epoch waits");
+        assert!(matches!(actions[..], [Action::Settle { epoch: 1, .. }]));
+        assert!(intake.on_heartbeat(&origin, 2, 2).is_empty(), "one settle");
+
+        // A peer holds the old epoch up to 3: that tail comes first.
+        let actions = intake.on_settled(&origin, 1, Some(3));
+        assert_eq!(repairs(&actions), vec![(2, 3)]);
+        let repaired = Repaired {
+            base: 0,
+            last: 3,
+            changes: vec![change(1, 2), change(1, 3)],
+        };
+        let actions = intake.on_repaired(&origin, 1, Some(repaired));
+        assert_eq!(applied(&actions), vec![2, 3]);
+        assert_eq!(repairs(&actions), vec![(1, 2)], "then the new epoch");
+        assert_eq!(intake.applied("n2"), Some((2, 0)));
         assert!(
-            applied(&intake.on_change(change(1, 2))).is_empty(),
+            applied(&intake.on_change(change(1, 4))).is_empty(),
             "old epoch is over"
         );
+    }
+
+    #[test]
+    fn a_new_epoch_with_nothing_held_of_the_old_tail_opens_at_once() {
+        let mut intake = Intake::new(100);
+        let origin: Arc<str> = "n2".into();
+        intake.on_change(change(1, 1));
+        intake.on_heartbeat(&origin, 2, 0);
+        let actions = intake.on_settled(&origin, 1, None);
+        assert!(matches!(
+            actions[..],
+            [Action::Open {
+                epoch: 2,
+                base: 0,
+                ..
+            }]
+        ));
+        assert_eq!(applied(&intake.on_change(change(2, 1))), vec![1]);
+    }
+
+    #[test]
+    fn an_old_tail_nobody_can_send_is_skipped_visibly() {
+        let mut intake = Intake::new(100);
+        let origin: Arc<str> = "n2".into();
+        intake.on_change(change(1, 1));
+        intake.on_heartbeat(&origin, 2, 0);
+        assert_eq!(
+            repairs(&intake.on_settled(&origin, 1, Some(5))),
+            vec![(2, 5)]
+        );
+        let actions = intake.on_repaired(&origin, 1, None);
+        assert!(matches!(
+            actions[0],
+            Action::SkipTo {
+                epoch: 1,
+                base: 5,
+                ..
+            }
+        ));
+        assert!(matches!(actions[1], Action::Open { epoch: 2, .. }));
+        assert_eq!(intake.lost, 4);
     }
 }

@@ -179,6 +179,47 @@ pub async fn fetch(
     best
 }
 
+/// Asks every peer of `peers` at once how far it holds `origin`'s `epoch`;
+/// the furthest seq any of them holds, `None` when none answered about it.
+/// Costs one round trip, or [`REPAIR_TIMEOUT`] when a peer does not answer:
+/// the price of settling an epoch whose origin restarted (see the intake).
+pub async fn furthest(
+    peers: &[(String, String)],
+    node: &str,
+    sealer: &Sealer,
+    origin: &str,
+    epoch: u64,
+) -> Option<u64> {
+    // An empty range: the answer carries the peer's bounds and no changes.
+    let request = RepairRequest {
+        origin: origin.to_string(),
+        epoch,
+        from: u64::MAX,
+        to: 0,
+    };
+    let asks = peers.iter().map(|(peer, address)| {
+        let request = &request;
+        async move {
+            match tokio::time::timeout(REPAIR_TIMEOUT, ask(address, node, sealer, request)).await {
+                Ok(Ok(repaired)) => repaired.map(|r| r.last),
+                Ok(Err(error)) => {
+                    debug!("epoch bounds from peer failed peer={peer} error={error}");
+                    None
+                }
+                Err(_) => {
+                    debug!("epoch bounds from peer timed out peer={peer}");
+                    None
+                }
+            }
+        }
+    });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .max()
+}
+
 async fn ask(
     address: &str,
     node: &str,
@@ -202,6 +243,7 @@ async fn ask(
     let Some(base) = header.base else {
         return Ok(None);
     };
+    let last = header.last;
     let mut changes = Vec::with_capacity(frame.parts.len() - 1);
     for part in &frame.parts[1..] {
         let (pos, ts, change) = decode_change_msgpack(part)?;
@@ -212,5 +254,9 @@ async fn ask(
             part.clone(),
         )));
     }
-    Ok(Some(Repaired { base, changes }))
+    Ok(Some(Repaired {
+        base,
+        last,
+        changes,
+    }))
 }

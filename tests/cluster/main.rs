@@ -766,14 +766,9 @@ async fn a_restarted_node_catches_up_in_a_new_epoch_and_clients_lose_nothing() {
     listener.close().await;
 }
 
-/// Fails: a design gap, not fixed here. A node tracks one epoch per
-/// origin; when the origin restarts (new epoch) the node drops the old
-/// epoch's track, and heartbeats name only an origin's newest epoch, so a
-/// tail of the old epoch that only another survivor holds is never
-/// repaired: live sessions lose it silently and resumes claim
-/// `recovered: true`.
+// Regression: a node that followed an origin into its new epoch never
+// fetched the old epoch's tail that only another survivor held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: an old epoch's tail held by one survivor never reaches the others"]
 async fn an_old_epoch_held_by_one_survivor_reaches_the_other_after_a_quick_restart() {
     let _machine = shared().await;
     let mut cluster = Cluster::start("quick-restart", 3, "").await;

@@ -96,6 +96,17 @@ struct NextEpoch {
     known: u64,
 }
 
+/// How an epoch named by a change or a heartbeat stands to the tracked one.
+enum Placed {
+    /// Older: the origin has left it.
+    Ended,
+    Current,
+    /// Newer: the origin restarted.
+    Newer,
+    /// The origin was not tracked; now it is, at this epoch.
+    First,
+}
+
 pub struct Intake {
     origins: HashMap<Arc<str>, Track>,
     max_held: usize,
@@ -118,6 +129,24 @@ impl Intake {
     /// The last seq handed on for `origin`, with its epoch.
     pub fn applied(&self, origin: &str) -> Option<(u64, u64)> {
         self.origins.get(origin).map(|t| (t.epoch, t.last))
+    }
+
+    /// Where news of `origin`'s `epoch` belongs; starts tracking an origin
+    /// heard of for the first time.
+    fn place(&mut self, origin: &Arc<str>, epoch: u64) -> Placed {
+        match self.origins.get(origin).map(|t| t.epoch) {
+            Some(current) if epoch < current => Placed::Ended,
+            Some(current) if epoch > current => Placed::Newer,
+            Some(_) => Placed::Current,
+            None => {
+                let track = Track {
+                    epoch,
+                    ..Track::default()
+                };
+                self.origins.insert(origin.clone(), track);
+                Placed::First
+            }
+        }
     }
 
     /// Notes that `origin` has a newer epoch than the one tracked; the first
@@ -189,25 +218,16 @@ impl Intake {
         let mut out = Vec::new();
         let origin = change.pos.origin.clone();
         let (epoch, seq) = (change.pos.epoch, change.pos.seq);
-        match self.origins.get(&origin).map(|t| t.epoch) {
-            Some(current) if epoch < current => {
-                self.repeats += 1; // an epoch that has ended
+        match self.place(&origin, epoch) {
+            Placed::Ended => {
+                self.repeats += 1;
                 return out;
             }
-            Some(current) if epoch > current => {
+            Placed::Newer => {
                 self.defer(&origin, epoch, seq, &mut out);
                 return out;
             }
-            Some(_) => {}
-            None => {
-                self.origins.insert(
-                    origin.clone(),
-                    Track {
-                        epoch,
-                        ..Track::default()
-                    },
-                );
-            }
+            Placed::Current | Placed::First => {}
         }
         let max_held = self.max_held;
         let track = self.origins.get_mut(&origin).expect("tracked above");
@@ -230,30 +250,19 @@ impl Intake {
     /// An origin said it has published up to `seq` in `epoch`.
     pub fn on_heartbeat(&mut self, origin: &Arc<str>, epoch: u64, seq: u64) -> Vec<Action> {
         let mut out = Vec::new();
-        match self.origins.get(origin).map(|t| t.epoch) {
-            Some(current) if epoch < current => return out,
-            Some(current) if epoch > current => {
+        match self.place(origin, epoch) {
+            Placed::Ended => return out,
+            Placed::Newer => {
                 self.defer(origin, epoch, seq, &mut out);
                 return out;
             }
-            Some(_) => {}
-            None => {
-                self.origins.insert(
-                    origin.clone(),
-                    Track {
-                        epoch,
-                        ..Track::default()
-                    },
-                );
-                if seq == 0 {
-                    // An epoch with nothing published yet: known complete.
-                    out.push(Action::Open {
-                        origin: origin.clone(),
-                        epoch,
-                        base: 0,
-                    });
-                }
-            }
+            // An epoch with nothing published yet: known complete.
+            Placed::First if seq == 0 => out.push(Action::Open {
+                origin: origin.clone(),
+                epoch,
+                base: 0,
+            }),
+            Placed::Current | Placed::First => {}
         }
         let track = self.origins.get_mut(origin).expect("tracked above");
         track.known = track.known.max(seq);

@@ -26,8 +26,8 @@
 //!   every other peer has said how far it holds the old one and that tail is
 //!   repaired: a round trip, or [`repair::REPAIR_TIMEOUT`] while a peer does
 //!   not answer. A tail held only by a peer that cannot be reached then is
-//!   skipped visibly (as above); two restarts of one origin within that
-//!   wait lose the middle epoch's changes at this node.
+//!   skipped visibly (as above). An origin that restarted twice meanwhile
+//!   has its epochs settled one after the other.
 //! - Not done: a restarted node does not fetch its own earlier epochs back
 //!   from its peers, so a client resuming on it from a cursor in its old
 //!   epoch gets `recovered: false` (resuming on any other node is exact).

@@ -204,13 +204,8 @@ impl Intake {
     /// Advances past a settled epoch once everything known of it is in.
     fn advance_if_settled(&mut self, origin: &Arc<str>, out: &mut Vec<Action>) {
         let track = self.origins.get_mut(origin).expect("tracked");
-        if track.next.is_none() || track.settling {
-            return;
-        }
-        if track.last >= track.known {
+        if track.next.is_some() && !track.settling && track.last >= track.known {
             self.advance(origin, out);
-        } else {
-            request_repair(origin, track, out);
         }
     }
 
@@ -282,6 +277,7 @@ impl Intake {
         }
         track.settling = false;
         track.known = track.known.max(end.unwrap_or(0));
+        request_repair(origin, track, &mut out);
         self.advance_if_settled(origin, &mut out);
         out
     }

@@ -593,7 +593,10 @@ impl Links {
                     });
                 }
                 Action::Settle { origin, epoch } => {
-                    info!("origin has a new epoch, settling its last one origin={origin} epoch={epoch}");
+                    info!(
+                        "origin has a new epoch, settling its last one \
+                         origin={origin} epoch={epoch}"
+                    );
                     // The origin forgot its old epochs when it restarted.
                     let peers: Vec<_> = self
                         .repair_peers
